@@ -79,7 +79,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int, a
         # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
         images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                      guidance_rescale=cfg.guidance_rescale, height=cfg.resolution, width=cfg.resolution,
+                      guidance_rescale=cfg.guidance_rescale, height=cfg.height, width=cfg.width,
                       generator=gens, output_type="pt").images
         out.append(images.float().cpu())  # kept on the CPU: the GPU holds one batch at a time
     return torch.cat(out)

@@ -139,7 +139,7 @@ def generate_flow(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: i
         if emb.uncond is not None:  # SD3 with CFG: the negative prompt as training encoded it
             embeds.update(negative_prompt_embeds=emb.uncond, negative_pooled_prompt_embeds=emb.uncond_pooled)
         latents = pipe(**embeds, num_inference_steps=cfg.sample_steps, guidance_scale=s.family.guidance(cfg),
-                       height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="latent",
+                       height=cfg.height, width=cfg.width, generator=gens, output_type="latent",
                        max_sequence_length=s.family.max_sequence_length(cfg)).images
         s.place.to_device("vae", pipe.vae)  # offload_frozen: on the device from the decode to its end only
         images = s.family.decode(pipe.vae, latents, cfg)

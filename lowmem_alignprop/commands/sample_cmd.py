@@ -274,7 +274,7 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
                     "--lora DIR compares a LoRA with it)", cfg.model, env)
     elif not request.specs and not request.merged_run and (held := merged_record(cfg.model)):  # (none recorded)
         logger.info("--model %s is an export --merge (%s into %s): its LoRA's run's settings are not recorded, so it "
-                    "renders with this command's (%d px, %d steps, guidance %g); sample LORA --model BASE renders as "
+                    "renders with this command's (%s px, %d steps, guidance %g); sample LORA --model BASE renders as "
                     "that run did", cfg.model, fused_loras(held), _into(held), cfg.resolution,
                     cfg.sample_steps, cfg.guidance_scale)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,

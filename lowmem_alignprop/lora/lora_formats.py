@@ -23,7 +23,7 @@ from lowmem_alignprop.lora.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_LAYE
                                                     comfy_encoder_refusal, diffusers_parts, every_alpha_folded,
                                                     first_changed, left_out_refusal, lora_suffix, unchanged_layer,
                                                     weight_difference_refusal)
-from lowmem_alignprop.lora.model_card import is_hub_id, num, run_info
+from lowmem_alignprop.lora.model_card import is_hub_id, num, run_info, trained_size
 from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -165,8 +165,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta["alignprop_final_reward"] = num(info["reward_last"])
         if info.get("reward_window"):  # how many of the run's last steps it is the mean of (summary.json's
             meta["alignprop_final_reward_steps"] = str(info["reward_window"])  # reward_window; reward_steps: all)
-    if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts writes it
-        meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
+    if (size := trained_size(info)) is not None:  # the trained size, as sd-scripts writes it: (width, height)
+        meta["ss_resolution"] = f"({size[0]}, {size[1]})"
     meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta[HEADER_PREDICTION] = str(info["prediction_type"])
@@ -210,8 +210,8 @@ def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: 
             "modelspec.title": title}
     if isinstance(lora.summary.get("finished_at"), str):  # when the run ended (not the export's "now": an export
         meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
-    if isinstance(info.get("resolution"), int):  # the trained size
-        meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
+    if (size := trained_size(info)) is not None:  # the trained size, width x height as sd-scripts writes it
+        meta["modelspec.resolution"] = f"{size[0]}x{size[1]}"
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.lora import flow_export
         arch = flow_export.architecture(lora.family, lora.base_model, lora.modules, lora.model_components,

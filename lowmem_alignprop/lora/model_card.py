@@ -20,6 +20,7 @@ from lowmem_alignprop.run.resume_rules import REPLACED
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import HUB_PINS, describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.image_size import image_sides
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -690,6 +691,14 @@ def layer_kinds(layers: int, targets: list[str]) -> str:
     return f"{layers} layers of {len(targets)} kind{'s' if len(targets) != 1 else ''}: {', '.join(targets)}"
 
 
+def trained_size(info: dict) -> tuple[int, int] | None:
+    """(width, height) in pixels of the run's ``resolution`` (config.yaml's: N or "WxH"); None where it has none."""
+    try:
+        return image_sides(info["resolution"]) if info.get("resolution") is not None else None
+    except UserError:  # (a hand-edited config.yaml: the metadata leaves it out)
+        return None
+
+
 def with_run_call(usage: list[str], info: dict[str, Any], flow: bool, vae_revision: str = "") -> list[str]:
     """The "Use" code that loads a diffusers pipeline, with a call that samples as the run did (its steps, guidance,
     size; DDIM for a UNet, as it trained; FLUX.1/SD3's T5 length): without them the pipeline's defaults sample
@@ -698,14 +707,14 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool, vae_revisi
     at = next((i for i, line in enumerate(usage) if line.startswith("pipe = ")), None)
     if at is None or "sample_steps" not in info:
         return usage
-    size = info.get("resolution")
+    size = trained_size(info)  # (width, height)
     args = [f"num_inference_steps={info['sample_steps']}",
             *([f"guidance_scale={num(info['guidance_scale'])}"] if info.get("guidance_scale") is not None else []),
             *([f"negative_prompt={json.dumps(info['negative_prompt'])}"] if info.get("negative_prompt") else []),
             *([f"eta={num(info['eta'])}"] if not flow and info.get("eta") is not None else []),
             *([f"guidance_rescale={num(info['guidance_rescale'])}"] if not flow and info.get("guidance_rescale")
               else []),
-            *([f"height={size}", f"width={size}"] if size else []),
+            *([f"height={size[1]}", f"width={size[0]}"] if size else []),
             *([f"max_sequence_length={info['t5_tokens']}"] if flow and info.get("t5_tokens") else [])]
     call = [f"image = pipe(\"a prompt\", {', '.join(args)}).images[0]  # the run's sampling settings"]
     usage = list(usage)

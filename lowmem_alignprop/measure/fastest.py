@@ -58,6 +58,7 @@ from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.models.loading import check_before_load
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.image_size import lower_resolution
 
 DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decode": True, "tiled_decode": False},
                  {"sliced_decode": False, "tiled_decode": True})
@@ -444,8 +445,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
         quants = [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.can_quantize_base()]
         ladders += swaps + quants + [{**q, **s} for q in quants for s in swaps]
         r = cfg.resolution
-        while r > 256:
-            r = max(256, (r * 3 // 4) // 64 * 64)
+        while (r := lower_resolution(r)) is not None:  # each side to 3/4 (a multiple of 64) down to 256 px
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
                                                  cfg.can_quantize_base() else {})})
         # a task that cannot run merged (Config.merge_lora_clashes: a quantized base, block swap) runs unmerged

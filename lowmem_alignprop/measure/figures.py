@@ -126,9 +126,9 @@ def figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int
 
 
 def fragmentation_allowance(cfg: Config) -> int:
-    """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area (0 with
-    expandable segments, the default)."""
-    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * (cfg.resolution / 512) ** 2)
+    """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area, width x height
+    over 512 x 512's (0 with expandable segments, the default)."""
+    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * cfg.width * cfg.height / 512 ** 2)
 
 
 def reserved(cfg: Config, allocated: int, cuda: bool) -> int:

@@ -385,7 +385,7 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
     off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)
-    untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(comps.vae),
+    untiled = untiled_note(cfg.tiled_decode, (cfg.height, cfg.width), cfg.tile_size, vae_scale_factor(comps.vae),
                            cfg.tile_overlap)
     if untiled:
         notes.append(untiled)

@@ -58,26 +58,33 @@ def cuts_tiles(height: int, width: int, tile: int) -> bool:
     return height > tile or width > tile
 
 
-def cuts_images(resolution: int, tile_size: int, vae_scale: int) -> bool:
-    """Whether tiled decode cuts square images of ``resolution`` px into tiles: their latents (``vae_scale`` px a
-    cell) are larger than ``tile_size`` cells a side."""
-    side = resolution // vae_scale
-    return cuts_tiles(side, side, tile_size)
+def latent_cells(size: int | tuple[int, int], vae_scale: int) -> tuple[int, int]:
+    """(height, width) in latent cells (``vae_scale`` px a cell) of images of ``size``: a side, or (height, width)
+    in pixels."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return height // vae_scale, width // vae_scale
 
 
-def untiled_note(tiled_decode: bool, resolution: int, tile_size: int, vae_scale: int,
+def cuts_images(size: int | tuple[int, int], tile_size: int, vae_scale: int) -> bool:
+    """Whether tiled decode cuts images of ``size`` (a side, or (height, width) in pixels) into tiles: their latents
+    (``vae_scale`` px a cell) are larger than ``tile_size`` cells on a side."""
+    return cuts_tiles(*latent_cells(size, vae_scale), tile_size)
+
+
+def untiled_note(tiled_decode: bool, size: int | tuple[int, int], tile_size: int, vae_scale: int,
                  tile_overlap: int) -> str | None:
     """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None. The
     tile size it names cuts the latents in two; with a ``tile_overlap`` that size refuses (under half a tile) it
     names an overlap of a quarter tile too, so the fix it gives is one the run takes."""
-    if not tiled_decode or cuts_images(resolution, tile_size, vae_scale):
+    if not tiled_decode or cuts_images(size, tile_size, vae_scale):
         return None
-    side = resolution // vae_scale
-    smaller = max(side // 2, 1)
+    height, width = latent_cells(size, vae_scale)
+    smaller = max(max(height, width) // 2, 1)
     fix = f"--set tile_size={smaller}"
     if not tile_overlap_fits(smaller, tile_overlap):
         fix += f" --set tile_overlap={smaller // 4}"
-    return (f"tiled_decode cuts no tile: the latents are {side} cells a side and tile_size={tile_size} counts latent "
+    cells = f"{height} cells a side" if height == width else f"{width}x{height} cells (width x height)"
+    return (f"tiled_decode cuts no tile: the latents are {cells} and tile_size={tile_size} counts latent "
             f"cells ({tile_size * vae_scale} px), so each image decodes whole, as sliced_decode does; "
             f"{fix} cuts it in tiles")
 

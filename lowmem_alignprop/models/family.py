@@ -43,11 +43,13 @@ class UNetFamily:
     def prompt_encoder(self, pipe, comps, place, device, cfg, prompts, *, final: bool = False):
         """Text embeddings per batch of prompts. ``final``: the run's one encoder (the trainer's), whose prompt set
         never grows: a flow family then frees the text encoders once the set is encoded."""
-        return sampling.PromptEncoder(pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
-                                      negative_prompt=cfg.negative_prompt, prompts=prompts)
+        return sampling.PromptEncoder(pipe, comps, place, device, (cfg.height, cfg.width),
+                                      cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
+                                      prompts=prompts)
 
     def initial_latents(self, cfg, batch: int, generator, device):
-        return sampling.initial_latents(batch, self.comps.unet, self.comps.vae, cfg.resolution, generator, device)
+        return sampling.initial_latents(batch, self.comps.unet, self.comps.vae, (cfg.height, cfg.width), generator,
+                                        device)
 
     def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator, stage=None, kl=None,
                 detached=frozenset()):
@@ -82,7 +84,7 @@ class UNetFamily:
         save_with_kept(pipeline_class, out_dir, layers, lora_metadata(model.peft_config["default"]), kept or {})
 
     def resolution_note(self, cfg) -> str | None:
-        return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution)
+        return sampling.resolution_note(self.comps.unet, self.comps.vae, (cfg.height, cfg.width))
 
     def cut_prompts_note(self, cfg, prompts: list[str]) -> str | None:
         """Prompts longer than the text encoder reads (CLIP's 77 tokens), which the encoding cuts: said once."""
@@ -164,11 +166,11 @@ class FlowFamily(UNetFamily):
                 setattr(pipe, name, None)  # diffusers records the component as (None, None) in the pipeline config
 
     def _latent_size(self, cfg):
-        return flow.latent_size(self.comps.vae, cfg.resolution, cfg.resolution, self.name)
+        return flow.latent_size(self.comps.vae, cfg.height, cfg.width, self.name)
 
     def initial_latents(self, cfg, batch: int, generator, device):
-        latents, _ = flow.initial_latents(self.comps.unet, self.comps.vae, batch, cfg.resolution, cfg.resolution,
-                                          generator, device)
+        latents, _ = flow.initial_latents(self.comps.unet, self.comps.vae, batch, cfg.height, cfg.width, generator,
+                                          device)
         return latents
 
     def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator=None, stage=None,
@@ -183,7 +185,7 @@ class FlowFamily(UNetFamily):
                             nograd_context=nograd_context(cfg, model))
 
     def decode(self, vae, latents, cfg, **options):
-        return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)
+        return flow.decode(vae, latents, height=cfg.height, width=cfg.width, **options)
 
     def set_attention(self, model, vae, attention: str, device) -> str:
         # the transformers' own processors already call PyTorch's fused scaled-dot-product attention
@@ -210,7 +212,7 @@ class FlowFamily(UNetFamily):
 
     def resolution_note(self, cfg) -> str | None:
         # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)
-        return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution, default_size=128)
+        return sampling.resolution_note(self.comps.unet, self.comps.vae, (cfg.height, cfg.width), default_size=128)
 
 
 class _OnDevice:
@@ -250,7 +252,7 @@ def check_supported(comps, cfg) -> None:
         raise UserError(no_t5_to_leave_out(family == flow.FLUX))
     if family != "unet":  # (Config.validate checked it already where the model's files told)
         geometry = flow_geometry_of(family == flow.FLUX, dict(comps.unet.config), dict(comps.vae.config))
-        check_flow_resolution(cfg.resolution, (family, *geometry))
+        check_flow_resolution(cfg.resolution, (family, *geometry))  # (each side of a "WxH")
 
 
 def model_kind(comps) -> str:

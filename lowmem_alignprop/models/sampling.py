@@ -20,6 +20,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, checkpoint_modules, module_checkpoint
+from lowmem_alignprop.settings.image_size import resolution_of
 from lowmem_alignprop.settings.model_kind import vae_scale
 
 
@@ -157,14 +158,17 @@ def negative_prompts(negative_prompt: str, n: int) -> list[str] | None:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device, resolution: int, negative_prompt: str = "") -> PromptEmbeds:
-    """Prompts and the negative prompt -> text embeddings (no gradient: the text encoder is frozen)."""
+def encode_prompts(pipe, prompts: list[str], device, resolution: int | tuple[int, int],
+                   negative_prompt: str = "") -> PromptEmbeds:
+    """Prompts and the negative prompt -> text embeddings (no gradient: the text encoder is frozen). ``resolution``:
+    the images' side, or their (height, width): SDXL's size conditioning, as its pipeline's original_size and
+    target_size."""
     negative = negative_prompts(negative_prompt, len(prompts))
     if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None:
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
             negative_prompt=negative)
-        size = (resolution, resolution)
+        size = height_width(resolution)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids.to(device).repeat(len(prompts), 1))
@@ -225,7 +229,7 @@ class PromptEncoder:
     The training loop and the planner both call this, so the planner estimates what training does.
     """
 
-    def __init__(self, pipe, comps, place, device, resolution: int, *, cache: bool, prompts,
+    def __init__(self, pipe, comps, place, device, resolution: int | tuple[int, int], *, cache: bool, prompts,
                  negative_prompt: str = ""):
         self.pipe, self.place, self.device, self.resolution = pipe, place, device, resolution
         self.negative_prompt = negative_prompt
@@ -454,21 +458,31 @@ def vae_scale_factor(vae) -> int:
     return vae_scale(vae.config)
 
 
-def resolution_note(unet, vae, resolution: int, default_size: int | None = None) -> str | None:
-    """A warning when ``resolution`` is half the model's native image size or less, or twice it or more (the
-    denoiser's sample_size in latent cells; ``default_size`` for a model whose config has none)."""
-    size = getattr(unet.config, "sample_size", None) or default_size
-    native = (size if isinstance(size, int) else max(size)) * vae_scale_factor(vae)
-    if native // 2 < resolution < native * 2:
+def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of an image ``size``: one side (a square), or already (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resolution_note(unet, vae, size: int | tuple[int, int], default_size: int | None = None) -> str | None:
+    """A warning when the images (``size``: a side, or (height, width)) have a quarter of the model's native pixel
+    count or fewer, or four times it or more: half or twice its side for a square (the denoiser's sample_size in
+    latent cells; ``default_size`` for a model whose config has none)."""
+    height, width = height_width(size)
+    sample = getattr(unet.config, "sample_size", None) or default_size
+    native = (sample if isinstance(sample, int) else max(sample)) * vae_scale_factor(vae)
+    if (native // 2) ** 2 < height * width < (native * 2) ** 2:
         return None
-    return (f"the model was made for {native} px images and this run uses {resolution} px: that far from its size "
-            f"its images, and so the reward's signal, are poor; --set resolution={native} (check the fit with "
-            "`lowmem-alignprop plan`)")
+    return (f"the model was made for {native} px images and this run uses {resolution_of(width, height)} px: that "
+            f"far from its size its images, and so the reward's signal, are poor; --set resolution={native} (check "
+            "the fit with `lowmem-alignprop plan`)")
 
 
-def initial_latents(batch: int, unet, vae, resolution: int, generator: torch.Generator, device) -> torch.Tensor:
-    side = resolution // vae_scale_factor(vae)
-    shape = (batch, unet.config.in_channels, side, side)
+def initial_latents(batch: int, unet, vae, size: int | tuple[int, int], generator: torch.Generator,
+                    device) -> torch.Tensor:
+    """The first noise of ``batch`` images of ``size`` (a side, or (height, width)) pixels, drawn on the CPU."""
+    height, width = height_width(size)
+    scale = vae_scale_factor(vae)
+    shape = (batch, unet.config.in_channels, height // scale, width // scale)
     return torch.randn(shape, generator=generator, device="cpu").to(device)
 
 

@@ -358,10 +358,11 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
     return resolved
 
 
-def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list[str] | None = None,
-                      weights: str | None = None) -> None:
+def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = None,
+                      prompts: list[str] | None = None, weights: str | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
-    ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`);
+    ``resolution`` (a side, or the run's (height, width)), also call each user reward once on two random images of
+    that size (see :func:`probe_reward`);
     with ``weights`` (reward_weights; not for ``plan``, which reads no weights), the model rewards' local weight
     files are found (:func:`clip_rewards.check_local_weights`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
@@ -386,19 +387,21 @@ def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list
                 probe_reward(module.freeze().to(device), resolution, prompts)
 
 
-def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | None = None) -> None:
-    """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels with the first two of the run's
+def probe_reward(reward: RewardModule, resolution: int | tuple[int, int], prompts: list[str] | None = None) -> None:
+    """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels (a side, or (height, width): the
+    run's images' shape) with the first two of the run's
     ``prompts``, as the trainer will: it must run, return one finite score per image and carry a gradient back to
     the images (AlignProp backpropagates through it). Each failure is a UserError naming the fix, before any model
     loads."""
     g = torch.Generator().manual_seed(0)
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
-    leaf = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    leaf = torch.rand(2, 3, height, width, generator=g).to(device).requires_grad_(True)
     images = leaf * 1.0  # not a leaf, as the decoded images are not (an in-place change is then said as such)
     pair = (list(prompts or []) * 2)[:2] or ["a photo of a cat", "a painting of a dog"]
     call = getattr(reward, "call", f"{type(reward).__qualname__}.score(images, prompts)")
     with_prompts = f" with the prompts {pair}" if getattr(reward, "takes_prompts", True) else ""
-    what = (f"reward {reward.name!r}: called {call} on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
+    what = (f"reward {reward.name!r}: called {call} on 2 random images (2x3x{height}x{width} in [0, 1])"
             f"{with_prompts} and it")
     cut_off = f"{what} {NOT_FROM_IMAGES}"
     try:

@@ -135,7 +135,8 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
     """A PNG grid: one column per prompt, two rows (``row_names``; ``after`` None: one row, ``before``'s), each image
     labelled with its reward; past ``GRID_COLUMNS`` prompts the columns go on in another band of the rows below.
     ``group``: columns that belong together (``sample --images-per-prompt``: one prompt's images), never split
-    between two bands."""
+    between two bands. Each image is shown ``cell`` px on its longer side, in its own width x height (a 1216x832
+    image as 192x131)."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,21 +144,23 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
     n = len(prompts)
     per_band = max(group, GRID_COLUMNS // group * group)  # whole groups in a band
     rows = [before] if after is None else [before, after]
-    columns, band = min(n, per_band), 20 + len(rows) * (cell + label_h)
-    grid = Image.new("RGB", (left + columns * cell, band * -(-n // per_band)), "white")
+    height, width = before[0].shape[-2:]
+    tile_w, tile_h = (round(cell * width / max(height, width)), round(cell * height / max(height, width)))
+    columns, band = min(n, per_band), 20 + len(rows) * (tile_h + label_h)
+    grid = Image.new("RGB", (left + columns * tile_w, band * -(-n // per_band)), "white")
     draw = ImageDraw.Draw(grid)
     text = GlyphText()
     for j, p in enumerate(prompts):
-        x, top = left + (j % per_band) * cell, (j // per_band) * band
-        text.draw(draw, (x + 4, top + 4), p, cell - 8)
+        x, top = left + (j % per_band) * tile_w, (j // per_band) * band
+        text.draw(draw, (x + 4, top + 4), p, tile_w - 8)
         for i, (imgs, rewards) in enumerate(rows):
-            y = top + 20 + i * (cell + label_h)
+            y = top + 20 + i * (tile_h + label_h)
             arr = (imgs[j].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            grid.paste(Image.fromarray(arr).resize((cell, cell), Image.NEAREST), (x, y))
-            text.draw(draw, (x + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
+            grid.paste(Image.fromarray(arr).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+            text.draw(draw, (x + 4, y + tile_h + 6), f"reward {rewards[j].item():.4f}", tile_w - 8)
     for top in range(0, grid.height, band):  # each band's row names
         for i, name in enumerate(row_names[:len(rows)]):
-            text.draw(draw, (4, top + 20 + i * (cell + label_h) + cell // 2), name, left - 6)
+            text.draw(draw, (4, top + 20 + i * (tile_h + label_h) + tile_h // 2), name, left - 6)
     text.warn_missing()  # once per grid
     with atomic.replacing(path) as tmp:  # a full disk or a kill leaves no half-written PNG
         grid.save(tmp)

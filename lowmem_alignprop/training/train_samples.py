@@ -107,7 +107,7 @@ class RunSamples:
         if not (self.sample_prompts and self.samples_here):
             return
         if self.is_main:  # (under ZeRO-3 every rank renders them, together)
-            log.info("sampling %d fixed-seed image%s before training (%d px, %d step%s; --set sample_prompts=0 skips "
+            log.info("sampling %d fixed-seed image%s before training (%s px, %d step%s; --set sample_prompts=0 skips "
                      "it)", len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1), cfg.resolution,
                      cfg.sample_steps, "s" * (cfg.sample_steps != 1))
         self.before = self.render_or_skip(self.render_samples, "rendering the sample images before training",
@@ -119,7 +119,7 @@ class RunSamples:
         """Images per no-grad render (the sample grid, the judged images): a training micro-batch, which fits with
         gradients, so surely without; small images JUDGE_PIXELS at a time (the toy model's 32 images at 64 px in one:
         a few MiB, and ~40% less time per image on a CPU than chunks of 4)."""
-        return max(self.cfg.batch_size, JUDGE_PIXELS // self.cfg.resolution ** 2)
+        return max(self.cfg.batch_size, JUDGE_PIXELS // (self.cfg.width * self.cfg.height))
 
     def render_samples(self):
         """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after. Image n

@@ -172,7 +172,7 @@ class RunSetup:
                          len(self.embed.cache),
                          fmt_bytes(self.embed.nbytes()), where)
         self.unet, self.vae = comps.unet, comps.vae
-        untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(self.vae),
+        untiled = untiled_note(cfg.tiled_decode, (cfg.height, cfg.width), cfg.tile_size, vae_scale_factor(self.vae),
                                cfg.tile_overlap)
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
