@@ -265,9 +265,9 @@ def rendered(comps, pipe, cfg, prompts: list[str], seed: int) -> torch.Tensor:
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        emb = encode_prompts(pipe, prompts, "cpu", cfg.resolution)
+        emb = encode_prompts(pipe, prompts, "cpu", (cfg.height, cfg.width))
         comps.scheduler.set_timesteps(cfg.sample_steps)
-        lat = initial_latents(len(prompts), comps.unet, comps.vae, cfg.resolution, g, "cpu")
+        lat = initial_latents(len(prompts), comps.unet, comps.vae, (cfg.height, cfg.width), g, "cpu")
         lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                       generator=g)
         return decode(comps.vae, lat)
