@@ -169,7 +169,7 @@ def test_the_trainers_flow_images_at_w_x_h_are_the_pipelines(name, width, height
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory, _isolated_cache):
     out = tmp_path_factory.mktemp("wide") / "run"
-    assert main([*FAST, "--model", "tiny", "--set", f"resolution={W}x{H}", "--set", "export_format=kohya",
+    assert main([*FAST, "--model", "tiny", "--set", f"resolution={W}x{H}", "--set", "export_format=kohya,diffusers",
                  "--output-dir", str(out)]) == 0
     return out
 
@@ -207,8 +207,9 @@ def test_sample_of_the_runs_lora_renders_at_its_w_x_h(wide_run, tmp_path, monkey
     assert json.loads((out / "sample_results.json").read_text())["sampler"]["resolution"] == f"{W}x{H}"
 
 
-def test_the_kohya_export_of_a_w_x_h_run_says_width_x_height(wide_run):
-    """sd-scripts' keys: modelspec.resolution "WxH" and ss_resolution "(W, H)", width first."""
+def test_the_exports_of_a_w_x_h_run_say_width_x_height(wide_run):
+    """kohya: sd-scripts' keys, modelspec.resolution "WxH" and ss_resolution "(W, H)", width first; the cards' size
+    row; the diffusers card's pipeline call with the run's height and width."""
     from safetensors import safe_open
 
     [file] = (wide_run / "export" / "kohya").glob("*.safetensors")
@@ -216,6 +217,8 @@ def test_the_kohya_export_of_a_w_x_h_run_says_width_x_height(wide_run):
         meta = f.metadata()
     assert (meta["modelspec.resolution"], meta["ss_resolution"]) == (f"{W}x{H}", f"({W}, {H})")
     assert "| resolution | 64x32 px |" in (wide_run / "export" / "kohya" / "README.md").read_text()
+    # the diffusers card's code renders as the run did: height 32, width 64
+    assert "eta=1, height=32, width=64).images[0]" in (wide_run / "export" / "diffusers" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
