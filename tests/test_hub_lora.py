@@ -109,6 +109,22 @@ def test_what_is_read_as_a_hub_id_a_path_that_exists_wins(tmp_path, monkeypatch)
         assert hub_lora.hub_lora_id(local) is None, local
 
 
+@pytest.mark.parametrize("typo", ["runs/x.safetensors", "lora/pytorch_lora_weights.safetensors", "runs/lora.bin"])
+def test_a_mistyped_relative_file_is_a_missing_path_not_a_hub_repository(tmp_path, monkeypatch, capsys, typo):
+    """owner/file.safetensors (one slash, a weights file's suffix) is a relative file that is not there: a hub id of a
+    repository is owner/name, and its file owner/name/file.safetensors; the line says the path does not exist (it
+    named a repository 'runs/x.safetensors' and an `hf download` of it)."""
+    monkeypatch.chdir(tmp_path)
+    assert hub_lora.hub_lora_id(typo) is None
+    out = tmp_path / "run"
+    assert_refused(main, ["sample", "--lora", f"{typo}:0.5", "--output-dir", str(out)],
+                   f"--lora {typo}:0.5: {typo} does not exist; pass the lora/ folder a training run wrote (e.g. "
+                   "outputs/run/lora), optionally with a weight: DIR:0.5", out, capsys)
+    assert_refused(main, [*FAST, "--steps", "1", "--init-lora", typo, "--output-dir", str(out)],
+                   f"--init-lora {typo}: no such file or folder: pass a LoRA (a run's lora/ folder, a checkpoint, a "
+                   ".safetensors file or a peft adapter folder)", out, capsys)
+
+
 def test_several_lora_files_for_init_lora_is_one_line_before_any_model_loads(hub_cache, tmp_path, capsys,
                                                                            monkeypatch):
     from lowmem_alignprop.training import train_setup

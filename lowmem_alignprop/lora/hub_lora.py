@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, is_peft_folder
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 
 # owner/name/path/in/it.safetensors: one file of a repository
@@ -56,8 +57,8 @@ def hub_lora_id(spec: str) -> tuple[str, str] | None:
     spec = spec.strip()
     if not spec or spec.startswith((".", "~", "/")) or windows_path(spec) or Path(spec).expanduser().exists():
         return None
-    if looks_like_hub_id(spec):
-        return spec, ""
+    if looks_like_hub_id(spec):  # (owner/x.safetensors: a relative file mistyped, not a repository named so)
+        return None if spec.lower().endswith(SINGLE_FILE_SUFFIXES) else (spec, "")
     found = _HUB_FILE.fullmatch(spec)
     return (found.group(1), found.group(2)) if found else None
 
