@@ -205,6 +205,42 @@ def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside
                             "id, or pass a local directory")
 
 
+def _hub_error(kind: str, repo: str):
+    """huggingface_hub's error for a request about ``repo`` answered 401/404 (``kind``: RepositoryNotFoundError for a
+    repository not there, or private and no token; GatedRepoError for a gated one), as hf_raise_for_status makes it."""
+    import httpx2
+    from huggingface_hub import errors
+
+    url = f"https://huggingface.co/api/models/{repo}/tree/main"
+    response = httpx2.Response(401 if kind == "GatedRepoError" else 404, request=httpx2.Request("GET", url))
+    text = ("Cannot access gated repo for url" if kind == "GatedRepoError" else "Repository Not Found for url:")
+    return getattr(errors, kind)(f"{response.status_code} Client Error. (Request ID: Root=1-abc)\n\n{text} {url}.",
+                                 response=response)
+
+
+@pytest.mark.parametrize("kind, line", [
+    ("RepositoryNotFoundError", "--lora runs/x: no such file or folder here, nor a repository runs/x on the Hugging "
+     "Face hub (or a private one this machine is not logged in to: `hf auth login`): check the path, or the hub id"),
+    ("GatedRepoError", "--lora runs/x: the Hugging Face hub repository runs/x is gated: accept its conditions on "
+     "https://huggingface.co/runs/x, then log in here with that account (`hf auth login`, or set HF_TOKEN); or pass a "
+     "local copy of the LoRA")])
+def test_online_a_missing_path_that_is_no_repository_or_a_gated_one_is_one_line_that_says_so(
+        online_by_setting, hub_cache, tmp_path, monkeypatch, capsys, kind, line):
+    """Online, a relative path mistyped (runs/x: a hub id's form) that the hub has no repository of still says the
+    path does not exist (it was huggingface_hub's first line: '404 Client Error. (Request ID: ...)'); a gated
+    repository says how to get in."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+
+    def refused(repo, **kw):
+        raise _hub_error(kind, repo)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", refused)
+    out = tmp_path / "sampled"
+    assert_refused(main, ["sample", "--lora", "runs/x:0.5", "--output-dir", str(out)], line, out, capsys)
+
+
 def _file_deltas(file) -> dict[str, torch.Tensor]:
     """module path -> alpha / rank * B @ A of a diffusers LoRA file of the UNet (alpha 8, rank 4: made's)."""
     from safetensors.torch import load_file

@@ -107,6 +107,7 @@ def fetch_hub_lora(repo: str, file: str, what: str, spec: str) -> HubLora:
 
 def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
     import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     from lowmem_alignprop.run.hub import hub_message
 
@@ -124,7 +125,15 @@ def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
                 huggingface_hub.hf_hub_download(repo, record)  # config (its alpha)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's: no such repository, gated, a failed request
+    except GatedRepoError:  # (a RepositoryNotFoundError too)
+        raise UserError(f"{what} {spec}: the Hugging Face hub repository {repo} is gated: accept its conditions on "
+                        f"https://huggingface.co/{repo}, then log in here with that account (`hf auth login`, or set "
+                        "HF_TOKEN); or pass a local copy of the LoRA") from None
+    except RepositoryNotFoundError:  # (the hub answers a private one so, without a token of its owner's)
+        raise UserError(f"{what} {spec}: no such file or folder here, nor a repository {repo} on the Hugging Face hub "
+                        "(or a private one this machine is not logged in to: `hf auth login`): check the path, or the "
+                        "hub id") from None
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's: a failed request
         raise UserError(hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
     return HubLora(repo, chosen, _snapshot(path, chosen).name, path)
 
