@@ -100,6 +100,23 @@ def test_the_repositorys_lora_file_is_diffusers_name_else_its_only_one_else_the_
                             "o/nested/loras/v1.safetensors")
 
 
+@pytest.mark.parametrize("root", [[], ["v1-5-pruned.safetensors"], ["a.safetensors", "b.safetensors"]])
+def test_a_model_repository_named_as_a_lora_says_it_is_a_model(hub_cache, tmp_path, root):
+    """owner/name of a diffusers model (model_index.json; its weights in unet/, vae/..., a single-file checkpoint or
+    two at the root): one line saying it is a model for --model (it said to name one of its files, e.g. its
+    text_encoder/model.safetensors, or chose its checkpoint, gigabytes, as the LoRA)."""
+    _repo(hub_cache, tmp_path, "o/model", ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                                           "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                                           *root])
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("o/model", "--init-lora")
+    assert str(e.value) == ("--init-lora o/model: the hub repository o/model is a diffusers model (its "
+                            "model_index.json), not a LoRA: pass it with --model, and a LoRA (its repository, or "
+                            "OWNER/NAME/FILE.safetensors) with --init-lora")
+    assert hub_lora.hub_lora("o/model/unet/diffusion_pytorch_model.safetensors", "--lora").file == \
+        "unet/diffusion_pytorch_model.safetensors"  # (a file named is read: its check says what it holds)
+
+
 def test_what_is_read_as_a_hub_id_a_path_that_exists_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub_lora.hub_lora_id("o/name") == ("o/name", "")

@@ -24,6 +24,7 @@ from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 # owner/name/path/in/it.safetensors: one file of a repository
 _HUB_FILE = re.compile(r"([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)")
 SHOWN = 4  # the files a line lists at most
+MODEL_INDEX = "model_index.json"  # (a diffusers pipeline's, at its repository's root)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ def hub_lora_id(spec: str) -> tuple[str, str] | None:
 def choose_file(repo: str, files: list[str], what: str, spec: str) -> str:
     """The LoRA file of a repository of ``files`` (paths in it): diffusers' pytorch_lora_weights.safetensors at its
     root, else its only .safetensors there. None or several (none of them diffusers' name): UserError naming a few
-    and how to name one."""
+    and how to name one; a diffusers model's repository (its model_index.json): UserError saying so."""
     root = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+    if LORA_WEIGHT_NAME not in root and MODEL_INDEX in files:  # (its weights, or a checkpoint at its root: gigabytes)
+        raise UserError(f"{what} {spec}: the hub repository {repo} is a diffusers model (its {MODEL_INDEX}), not a "
+                        f"LoRA: pass it with --model, and a LoRA (its repository, or OWNER/NAME/FILE.safetensors) "
+                        f"with {what}")
     if LORA_WEIGHT_NAME in root or len(root) == 1:
         return LORA_WEIGHT_NAME if LORA_WEIGHT_NAME in root else root[0]
     if root:
