@@ -142,6 +142,23 @@ def test_a_mistyped_relative_file_is_a_missing_path_not_a_hub_repository(tmp_pat
                    ".safetensors file or a peft adapter folder)", out, capsys)
 
 
+@pytest.mark.parametrize("spec, hint", [("o/style@v2", "o/style --revision v2 --local-dir DIR`, then pass that DIR"),
+                                        ("o/style@0123abc/sub/x.safetensors", "o/style sub/x.safetensors --revision "
+                                         "0123abc --local-dir DIR`, then pass DIR/sub/x.safetensors")])
+def test_a_hub_id_with_a_revision_says_how_to_read_that_revision(hub_cache, tmp_path, monkeypatch, capsys, spec, hint):
+    """owner/name@REV (other tools' way to pin a commit): one line saying the hub LoRA is read at main and how to get
+    that revision (it said 'o/style@v2 does not exist; pass the lora/ folder a training run wrote')."""
+    monkeypatch.chdir(tmp_path)
+    _repo(hub_cache, tmp_path, "o/style", ["pytorch_lora_weights.safetensors", "sub/x.safetensors"])
+    line = (f"{{what}} {spec}: a LoRA on the Hugging Face hub is read at its main branch, and no revision can be named "
+            f"(@...): run `hf download {hint} to {{what}} (its records then name that folder)")
+    out = tmp_path / "run"
+    assert_refused(main, ["sample", "--lora", f"{spec}:0.5", "--output-dir", str(out)],
+                   line.format(what="--lora"), out, capsys)
+    assert_refused(main, [*FAST, "--steps", "1", "--init-lora", spec, "--output-dir", str(out)],
+                   line.format(what="--init-lora"), out, capsys)
+
+
 def test_several_lora_files_for_init_lora_is_one_line_before_any_model_loads(hub_cache, tmp_path, capsys,
                                                                            monkeypatch):
     from lowmem_alignprop.training import train_setup

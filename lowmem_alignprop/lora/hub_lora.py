@@ -23,6 +23,8 @@ from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 
 # owner/name/path/in/it.safetensors: one file of a repository
 _HUB_FILE = re.compile(r"([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)")
+# owner/name@REV[/path/file.safetensors]: a revision named as other tools name one (not read: main is)
+_AT_REVISION = re.compile(r"([\w.-]+/[\w.-]+)@([\w.-]+)(?:/((?:[\w.-]+/)*[\w.-]+\.safetensors))?")
 SHOWN = 4  # the files a line lists at most
 MODEL_INDEX = "model_index.json"  # (a diffusers pipeline's, at its repository's root)
 
@@ -175,6 +177,14 @@ def _snapshot(path: Path, file: str) -> Path:
 
 
 def hub_lora(spec: str, what: str) -> HubLora | None:
-    """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id."""
+    """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id. A hub id
+    with a revision (``owner/name@REV``, ``owner/name@REV/file.safetensors``; no such path): UserError saying how to
+    read that revision."""
     named = hub_lora_id(spec)
+    if named is None and (pinned := _AT_REVISION.fullmatch(spec.strip())) and not Path(spec).expanduser().exists():
+        repo, revision, file = pinned.group(1), pinned.group(2), pinned.group(3) or ""
+        then = f"pass DIR/{file} to {what}" if file else f"pass that DIR to {what}"
+        raise UserError(f"{what} {spec}: a LoRA on the Hugging Face hub is read at its main branch, and no revision "
+                        f"can be named (@...): run `hf download {repo}{f' {file}' if file else ''} --revision "
+                        f"{revision} --local-dir DIR`, then {then} (its records then name that folder)")
     return None if named is None else fetch_hub_lora(*named, what, spec)
