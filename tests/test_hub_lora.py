@@ -235,8 +235,8 @@ def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside
     with pytest.raises(UserError) as e:
         hub_lora.hub_lora("online/typo", "--init-lora")
     assert str(e.value) == ("could not load --init-lora 'online/typo' from the Hugging Face hub: 404 Client Error. "
-                            "Repository Not Found for url: https://huggingface.co/api/models/online/typo; check the hub "
-                            "id, or pass a local directory")
+                            "Repository Not Found for url: https://huggingface.co/api/models/online/typo; check the "
+                            "hub id, or pass a local directory")
 
 
 def _hub_error(kind: str, repo: str):
