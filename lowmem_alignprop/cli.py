@@ -131,7 +131,8 @@ def add_run_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
     p.add_argument("--init-lora", metavar="DIR|FILE|HUB_ID", help="start from this LoRA (a run's lora/ folder, a "
                    "checkpoint, a diffusers or kohya .safetensors, a peft folder, a hub id owner/name or "
-                   "owner/name/file.safetensors) instead of a fresh one; its layers the run does "
+                   "owner/name/file.safetensors, at a revision: owner/name@REV[/file.safetensors]) instead of a "
+                   "fresh one; its layers the run does "
                    "not train (text encoders, convolutions, other linears) are kept as they came, fused into the base "
                    "(plan checks it as training does)")
     return p
@@ -395,7 +396,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
                    help="a trained LoRA (the lora/ folder of a run, the run folder, the .safetensors file, a "
                         "training checkpoint: checkpoints/step-300, a kohya file, a peft folder, or a Hugging Face "
-                        "hub id: owner/name or owner/name/file.safetensors), "
+                        "hub id: owner/name or owner/name/file.safetensors, at a revision: owner/name@REV"
+                        "[/file.safetensors]), "
                         "repeatable; none: --model alone is sampled. WEIGHT (default 1.0) scales the adapter's "
                         "weight update; several adapters add up: --lora a:0.5 --lora b:0.5 is the midpoint of a and "
                         "b in weight space")

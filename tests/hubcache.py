@@ -8,19 +8,19 @@ import shutil
 from pathlib import Path
 
 
-def cached_snapshot(cache: Path, repo: str, src: Path, change=None) -> Path:
-    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` in ``cache``: refs/main holding the commit,
-    blobs/<sha256> and snapshots/<commit>/<file> symlinks to them; ``change(copy)`` edits a copy of the files first.
-    Returns the snapshot folder."""
-    staged = cache.parent / f"staged-{repo.replace('/', '--')}"
+def cached_snapshot(cache: Path, repo: str, src: Path, change=None, ref: str = "main") -> Path:
+    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` in ``cache``: refs/``ref`` holding the
+    commit (sha1 of the repo, of "repo@ref" for another ref than main), blobs/<sha256> and snapshots/<commit>/<file>
+    symlinks to them; ``change(copy)`` edits a copy of the files first. Returns the snapshot folder."""
+    staged = cache.parent / f"staged-{repo.replace('/', '--')}{'' if ref == 'main' else '@' + ref}"
     shutil.copytree(src, staged)
     if change:
         change(staged)
-    commit = hashlib.sha1(repo.encode()).hexdigest()
+    commit = hashlib.sha1((repo if ref == "main" else f"{repo}@{ref}").encode()).hexdigest()
     root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
     for f in (f for f in sorted(staged.rglob("*")) if f.is_file()):
         blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
         shutil.copy(f, blob)

@@ -119,8 +119,8 @@ def test_a_model_repository_named_as_a_lora_says_it_is_a_model(hub_cache, tmp_pa
 
 def test_what_is_read_as_a_hub_id_a_path_that_exists_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert hub_lora.hub_lora_id("o/name") == ("o/name", "")
-    assert hub_lora.hub_lora_id("o/name/sub/x.safetensors") == ("o/name", "sub/x.safetensors")
+    assert hub_lora.hub_lora_id("o/name") == ("o/name", "", "")
+    assert hub_lora.hub_lora_id("o/name/sub/x.safetensors") == ("o/name", "sub/x.safetensors", "")
     (tmp_path / "o" / "name").mkdir(parents=True)
     for local in ("o/name", "./a/b", "/abs/x", "~/x/y", "o/name/lora", "o/name/x.bin", "C:\\x\\y.safetensors"):
         assert hub_lora.hub_lora_id(local) is None, local
@@ -142,16 +142,56 @@ def test_a_mistyped_relative_file_is_a_missing_path_not_a_hub_repository(tmp_pat
                    ".safetensors file or a peft adapter folder)", out, capsys)
 
 
-@pytest.mark.parametrize("spec, hint", [("o/style@v2", "o/style --revision v2 --local-dir DIR`, then pass that DIR"),
-                                        ("o/style@0123abc/sub/x.safetensors", "o/style sub/x.safetensors --revision "
-                                         "0123abc --local-dir DIR`, then pass DIR/sub/x.safetensors")])
-def test_a_hub_id_with_a_revision_says_how_to_read_that_revision(hub_cache, tmp_path, monkeypatch, capsys, spec, hint):
-    """owner/name@REV (other tools' way to pin a commit): one line saying the hub LoRA is read at main and how to get
-    that revision (it said 'o/style@v2 does not exist; pass the lora/ folder a training run wrote')."""
+def _at(cache, tmp_path, repo: str, ref: str, files: dict[str, bytes]):
+    """``repo`` cached at ``ref`` (refs/REF; its snapshot named by the commit _commit(f"{repo}@{ref}")) with
+    ``files``."""
+    src = tmp_path / f"src-{repo.replace('/', '--')}@{ref}"
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    return cached_snapshot(cache, repo, src, ref=ref)
+
+
+def test_a_hub_id_at_a_revision_reads_that_revisions_snapshot(hub_cache, tmp_path, monkeypatch):
+    """owner/name@REV and owner/name@REV/path/file.safetensors (a tag, a branch or a commit; other tools' way to pin
+    one): offline, the cache's snapshot of that revision, and the commit it resolved to (it was refused: a hub LoRA
+    was read at main only)."""
+    from lowmem_alignprop.lora.init_lora import init_lora_source
+
+    monkeypatch.chdir(tmp_path)
+    assert hub_lora.hub_lora_id("o/style@v2") == ("o/style", "", "v2")
+    assert hub_lora.hub_lora_id("o/style@0123abc/sub/x.safetensors") == ("o/style", "sub/x.safetensors", "0123abc")
+    assert hub_lora.hub_lora_id("o/style@v2/x.bin") is None
+    _at(hub_cache, tmp_path, "o/style", "main", {"pytorch_lora_weights.safetensors": b"main"})
+    v2 = _at(hub_cache, tmp_path, "o/style", "v2", {"pytorch_lora_weights.safetensors": b"v2",
+                                                    "sub/x.safetensors": b"v2 x"})
+    assert v2.name == _commit("o/style@v2") != _commit("o/style")
+    main_lora, tagged = hub_lora.hub_lora("o/style", "--lora"), hub_lora.hub_lora("o/style@v2", "--lora")
+    assert (main_lora.commit, main_lora.path.read_bytes()) == (_commit("o/style"), b"main")
+    assert (tagged.repo, tagged.file, tagged.commit, tagged.path) == (
+        "o/style", "pytorch_lora_weights.safetensors", v2.name, v2 / "pytorch_lora_weights.safetensors")
+    by_commit = hub_lora.hub_lora(f"o/style@{v2.name}/sub/x.safetensors", "--init-lora")
+    assert (by_commit.file, by_commit.commit, by_commit.path.read_bytes()) == ("sub/x.safetensors", v2.name, b"v2 x")
+    assert init_lora_source("o/style@v2") == {"file": "pytorch_lora_weights.safetensors", "revision": v2.name,
+                                              "sha256": hashlib.sha256(b"v2").hexdigest()}
+    (tmp_path / "o" / "style@v2").mkdir(parents=True)  # (a path that exists wins)
+    assert hub_lora.hub_lora_id("o/style@v2") is None
+
+
+@pytest.mark.parametrize("spec, line", [
+    ("o/style@v9", "{what} o/style@v9: no such file or folder here, and as a Hugging Face hub id at revision v9 it is "
+     "not in the local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a machine with "
+     "network run `hf download o/style --revision v9 --local-dir DIR`, then pass that DIR to {what}"),
+    ("o/style@0123abc/sub/x.safetensors", "{what} o/style@0123abc/sub/x.safetensors: no such file or folder here, "
+     "and as a Hugging Face hub id at revision 0123abc it is not in the local hub cache and the hub cannot be reached "
+     "(no network, or HF_HUB_OFFLINE set): on a machine with network run `hf download o/style sub/x.safetensors "
+     "--revision 0123abc --local-dir DIR`, then pass DIR/sub/x.safetensors")])
+def test_a_revision_the_cache_does_not_hold_is_one_line_with_its_download(hub_cache, tmp_path, monkeypatch, capsys,
+                                                                         spec, line):
+    """Offline, a revision of a cached repository that the cache has no snapshot of (main is there): one line naming
+    the revision and the download of it."""
     monkeypatch.chdir(tmp_path)
     _repo(hub_cache, tmp_path, "o/style", ["pytorch_lora_weights.safetensors", "sub/x.safetensors"])
-    line = (f"{{what}} {spec}: a LoRA on the Hugging Face hub is read at its main branch, and no revision can be named "
-            f"(@...): run `hf download {hint} to {{what}} (its records then name that folder)")
     out = tmp_path / "run"
     assert_refused(main, ["sample", "--lora", f"{spec}:0.5", "--output-dir", str(out)],
                    line.format(what="--lora"), out, capsys)
@@ -239,15 +279,52 @@ def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside
                             "hub id, or pass a local directory")
 
 
+def test_online_a_revision_is_listed_and_downloaded_at_it_and_one_the_hub_lacks_is_one_line(
+        online_by_setting, hub_cache, made, monkeypatch):
+    """With network, owner/name@REV: the repository listed and its files downloaded at REV (hf_hub_download puts them
+    in the snapshot of the commit REV resolved to, which the LoRA carries); a revision the hub does not have is one
+    line naming it (huggingface_hub's RevisionNotFoundError)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+    commit, asked = "d" * 40, []
+
+    def download(repo, filename, revision=None, **kw):
+        asked.append((repo, filename, revision))
+        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made["lora"] / filename, target)
+        return str(target)
+
+    def listed(repo, revision=None, **kw):
+        asked.append((repo, "", revision))
+        if revision == "v9":
+            raise _hub_error("RevisionNotFoundError", repo)
+        return ["base_model.json", "pytorch_lora_weights.safetensors"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", listed)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    found = hub_lora.hub_lora("online/pinned@v2", "--lora")
+    assert (found.file, found.commit, found.shown) == ("pytorch_lora_weights.safetensors", commit, "online/pinned@v2")
+    assert asked == [("online/pinned", "", "v2"), ("online/pinned", "pytorch_lora_weights.safetensors", "v2"),
+                     ("online/pinned", "base_model.json", "v2")]
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("online/pinned@v9", "--init-lora")
+    assert str(e.value) == ("--init-lora online/pinned@v9: the hub repository online/pinned has no revision v9 (no "
+                            "such branch, tag or commit): check it on https://huggingface.co/online/pinned/commits/"
+                            "main, or leave @v9 out to read main")
+
+
 def _hub_error(kind: str, repo: str):
     """huggingface_hub's error for a request about ``repo`` answered 401/404 (``kind``: RepositoryNotFoundError for a
-    repository not there, or private and no token; GatedRepoError for a gated one), as hf_raise_for_status makes it."""
+    repository not there, or private and no token; GatedRepoError for a gated one; RevisionNotFoundError for a
+    revision not there), as hf_raise_for_status makes it."""
     import httpx2
     from huggingface_hub import errors
 
     url = f"https://huggingface.co/api/models/{repo}/tree/main"
     response = httpx2.Response(401 if kind == "GatedRepoError" else 404, request=httpx2.Request("GET", url))
-    text = ("Cannot access gated repo for url" if kind == "GatedRepoError" else "Repository Not Found for url:")
+    text = {"GatedRepoError": "Cannot access gated repo for url",
+            "RevisionNotFoundError": "Revision Not Found for url:"}.get(kind, "Repository Not Found for url:")
     return getattr(errors, kind)(f"{response.status_code} Client Error. (Request ID: Root=1-abc)\n\n{text} {url}.",
                                  response=response)
 
@@ -338,6 +415,28 @@ def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(m
     cached_snapshot(hub_cache, "someone/style-peft", peft)
     (tmp_path / "c").mkdir()
     assert sampled(tmp_path / "c", monkeypatch, "someone/style-peft")[2].sub(by_path).abs().max() < 1e-3
+
+
+def test_sample_of_a_hub_lora_at_a_revision_with_a_weight_renders_that_revisions_file(made, hub_cache, tmp_path,
+                                                                                       monkeypatch):
+    """sample --lora owner/name@REV:0.5: the weight parsed, the LoRA of that revision's snapshot rendered (main's is
+    another file), its commit recorded."""
+    from safetensors.torch import load_file, save_file
+
+    def halved(copy):
+        file = copy / "pytorch_lora_weights.safetensors"
+        save_file({k: v * 0.5 for k, v in load_file(str(file)).items()}, str(file))
+    cached_snapshot(hub_cache, REPO, made["lora"], change=halved)
+    v2 = cached_snapshot(hub_cache, REPO, made["lora"], ref="v2")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, f"{REPO}@v2:0.5")
+    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, f"{v2 / 'pytorch_lora_weights.safetensors'}:0.5")
+    assert seed == seed_2 and torch.equal(base, base_2) and torch.equal(by_id, by_path)
+    assert (by_id - base).abs().max() > 0.005  # (the LoRA shows: main's, at half its update, renders otherwise)
+    [lora] = json.loads((tmp_path / "a" / "sampled" / "sample_results.json").read_text())["loras"]
+    assert lora == {"path": REPO, "weight": 0.5, "adapter_name": "lora0", "weights": "pytorch_lora_weights.safetensors",
+                    "revision": _commit(f"{REPO}@v2")}
 
 
 def test_a_flux_lora_from_the_hub_on_a_unet_model_is_refused_in_one_line(hub_cache, tmp_path, capsys, monkeypatch):

@@ -1,12 +1,13 @@
 """A LoRA named by its Hugging Face hub id (``--init-lora`` and ``sample --lora``): ``owner/name`` (the repository's
 one LoRA weights file: diffusers' ``pytorch_lora_weights.safetensors`` where it holds one, else its only
-``.safetensors`` at the root) or ``owner/name/path/file.safetensors`` (that file). A path that exists wins, as for
---model (settings/paths.looks_like_hub_id). The file comes through huggingface_hub into the hub cache at the hub's
-main (``list_repo_files``, ``hf_hub_download``); without network (run/hub.offline) from the cache's snapshot of main,
-and a LoRA not there is one line with the ``hf download`` that brings it, before any model loads. The commit it
-resolved to goes with it (:class:`HubLora`): the run's init_lora/source.json and sample_results.json record it. Our
-export's base_model.json and a peft adapter's adapter_config.json beside the file come with it (the model check, the
-adapter's alpha).
+``.safetensors`` at the root) or ``owner/name/path/file.safetensors`` (that file), each at the hub's main or, as
+``owner/name@REV`` / ``owner/name@REV/path/file.safetensors``, at the revision REV (a branch, tag or commit). A path
+that exists wins, as for --model (settings/paths.looks_like_hub_id). The file comes through huggingface_hub into the
+hub cache (``list_repo_files``, ``hf_hub_download``, at that revision); without network (run/hub.offline) from the
+cache's snapshot of it (a commit, or a branch or tag the cache recorded), and a LoRA not there is one line with the
+``hf download`` that brings it, before any model loads. The commit it resolved to goes with it (:class:`HubLora`):
+the run's init_lora/source.json and sample_results.json record it. Our export's base_model.json and a peft adapter's
+adapter_config.json beside the file come with it (the model check, the adapter's alpha).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 
 # owner/name/path/in/it.safetensors: one file of a repository
 _HUB_FILE = re.compile(r"([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)")
-# owner/name@REV[/path/file.safetensors]: a revision named as other tools name one (not read: main is)
+# owner/name@REV[/path/file.safetensors]: at a revision (a branch, tag or commit), as other tools name one
 _AT_REVISION = re.compile(r"([\w.-]+/[\w.-]+)@([\w.-]+)(?:/((?:[\w.-]+/)*[\w.-]+\.safetensors))?")
 SHOWN = 4  # the files a line lists at most
 MODEL_INDEX = "model_index.json"  # (a diffusers pipeline's, at its repository's root)
@@ -32,11 +33,13 @@ MODEL_INDEX = "model_index.json"  # (a diffusers pipeline's, at its repository's
 @dataclass(frozen=True)
 class HubLora:
     """A hub LoRA as fetched: ``repo`` (owner/name), ``file`` (its path in the repository), ``commit`` (the commit it
-    was read at: main's when fetched, the cache's main offline) and ``path`` (the file in the local hub cache)."""
+    was read at: the revision's when fetched, the cache's snapshot of it offline), ``path`` (the file in the local
+    hub cache) and ``shown`` (the hub id as the user gave it: what lines name it by)."""
     repo: str
     file: str
     commit: str
     path: Path
+    shown: str = ""
 
     @property
     def url(self) -> str:
@@ -54,16 +57,19 @@ class HubLora:
         return _snapshot(self.path, self.file)
 
 
-def hub_lora_id(spec: str) -> tuple[str, str] | None:
-    """(repo, file) where ``spec`` names a LoRA on the hub and no local path: ``owner/name`` (file "": the
-    repository's one, :func:`choose_file`) or ``owner/name/path/file.safetensors``; None for anything else."""
+def hub_lora_id(spec: str) -> tuple[str, str, str] | None:
+    """(repo, file, revision) where ``spec`` names a LoRA on the hub and no local path: ``owner/name`` (file "": the
+    repository's one, :func:`choose_file`) or ``owner/name/path/file.safetensors``, each with ``@REV`` after the name
+    or not (revision "": main); None for anything else."""
     spec = spec.strip()
     if not spec or spec.startswith((".", "~", "/")) or windows_path(spec) or Path(spec).expanduser().exists():
         return None
+    if (pinned := _AT_REVISION.fullmatch(spec)) is not None:
+        return pinned.group(1), pinned.group(3) or "", pinned.group(2)
     if looks_like_hub_id(spec):  # (owner/x.safetensors: a relative file mistyped, not a repository named so)
-        return None if spec.lower().endswith(SINGLE_FILE_SUFFIXES) else (spec, "")
+        return None if spec.lower().endswith(SINGLE_FILE_SUFFIXES) else (spec, "", "")
     found = _HUB_FILE.fullmatch(spec)
-    return (found.group(1), found.group(2)) if found else None
+    return (found.group(1), found.group(2), "") if found else None
 
 
 def choose_file(repo: str, files: list[str], what: str, spec: str) -> str:
@@ -94,44 +100,51 @@ def _few(files: list[str]) -> str:
     return ", ".join(files[:SHOWN]) + (f" and {len(files) - SHOWN} more" if len(files) > SHOWN else "")
 
 
-_FETCHED: dict[tuple[str, str, str], HubLora] = {}  # one request a process for each LoRA (its checks read it often)
+_FETCHED: dict[tuple[str, str, str, str], HubLora] = {}  # one request a process for each LoRA (its checks read it
+# often)
 
 
-def fetch_hub_lora(repo: str, file: str, what: str, spec: str) -> HubLora:
-    """The hub LoRA ``repo`` (``file``: the one named, "": :func:`choose_file`'s) in the local hub cache, fetched
-    when the hub can be reached; ``what``/``spec``: the option and the value given, for messages. Raises UserError."""
+def fetch_hub_lora(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
+    """The hub LoRA ``repo`` (``file``: the one named, "": :func:`choose_file`'s) at ``revision`` ("": main) in the
+    local hub cache, fetched when the hub can be reached; ``what``/``spec``: the option and the value given, for
+    messages. Raises UserError."""
     from huggingface_hub import constants
 
     from lowmem_alignprop.run.hub import offline
 
-    key = (repo, file, str(constants.HF_HUB_CACHE))
+    key = (repo, file, revision, str(constants.HF_HUB_CACHE))
     if key in _FETCHED and _FETCHED[key].path.is_file():
         return _FETCHED[key]
-    found = _from_cache(repo, file, what, spec) if offline() else _download(repo, file, what, spec)
+    found = (_from_cache if offline() else _download)(repo, file, revision, what, spec)
     _FETCHED[key] = found
     return found
 
 
-def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
+def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
     import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     from lowmem_alignprop.run.hub import hub_message
 
+    at = {"revision": revision} if revision else {}
     try:
-        files = huggingface_hub.list_repo_files(repo)
+        files = huggingface_hub.list_repo_files(repo, **at)
         chosen = file or choose_file(repo, files, what, spec)
         if chosen not in files:
             listed = sorted(f for f in files if f.endswith(".safetensors"))
             raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
                             + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
-        path = Path(huggingface_hub.hf_hub_download(repo, chosen))
+        path = Path(huggingface_hub.hf_hub_download(repo, chosen, **at))
         for record in (_beside(chosen, name) for name in (LORA_BASE_FILE, PEFT_CONFIG_NAME)):  # our export's
             if record in files:  # record of its base model (sample checks the model against it), a peft adapter's
-                huggingface_hub.hf_hub_download(repo, record)  # config (its alpha)
+                huggingface_hub.hf_hub_download(repo, record, **at)  # config (its alpha)
     except UserError:
         raise
+    except RevisionNotFoundError:
+        raise UserError(f"{what} {spec}: the hub repository {repo} has no revision {revision} (no such branch, tag or "
+                        f"commit): check it on https://huggingface.co/{repo}/commits/main, or leave @{revision} out "
+                        "to read main") from None
     except GatedRepoError:  # (a RepositoryNotFoundError too)
         raise UserError(f"{what} {spec}: the Hugging Face hub repository {repo} is gated: accept its conditions on "
                         f"https://huggingface.co/{repo}, then log in here with that account (`hf auth login`, or set "
@@ -142,28 +155,30 @@ def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
                         "hub id") from None
     except Exception as e:  # noqa: BLE001 - huggingface_hub's: a failed request
         raise UserError(hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
-    return HubLora(repo, chosen, _snapshot(path, chosen).name, path)
+    return HubLora(repo, chosen, _snapshot(path, chosen).name, path, spec.strip())
 
 
-def _from_cache(repo: str, file: str, what: str, spec: str) -> HubLora:
-    """Without network: the LoRA from the cache's snapshot of main (what ``hf download`` put there)."""
+def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
+    """Without network: the LoRA from the cache's snapshot of ``revision`` ("": main; a commit, or a branch or tag
+    the cache recorded: what ``hf download [--revision REV]`` put there)."""
     from huggingface_hub import snapshot_download
 
     from lowmem_alignprop.run.hub import download_hint
 
     try:
-        snapshot = Path(snapshot_download(repo, local_files_only=True))
+        snapshot = Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or no valid id: either is not here
         snapshot = None
     if snapshot is not None:
         files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
         chosen = file or choose_file(repo, files, what, spec)
         if (snapshot / chosen).is_file():
-            return HubLora(repo, chosen, snapshot.name, snapshot / chosen)
-    hint = download_hint(f"{repo} {file}" if file else repo,
+            return HubLora(repo, chosen, snapshot.name, snapshot / chosen, spec.strip())
+    hint = download_hint(" ".join([repo, *([file] if file else []), *(["--revision", revision] if revision else [])]),
                          f"pass DIR/{file}" if file else f"pass that DIR to {what}")
-    raise UserError(f"{what} {spec}: no such file or folder here, and as a Hugging Face hub id it is not in the local "
-                    f"hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): {hint}")
+    at = f" at revision {revision}" if revision else ""
+    raise UserError(f"{what} {spec}: no such file or folder here, and as a Hugging Face hub id{at} it is not in the "
+                    f"local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): {hint}")
 
 
 def _beside(file: str, name: str) -> str:
@@ -177,14 +192,6 @@ def _snapshot(path: Path, file: str) -> Path:
 
 
 def hub_lora(spec: str, what: str) -> HubLora | None:
-    """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id. A hub id
-    with a revision (``owner/name@REV``, ``owner/name@REV/file.safetensors``; no such path): UserError saying how to
-    read that revision."""
+    """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id."""
     named = hub_lora_id(spec)
-    if named is None and (pinned := _AT_REVISION.fullmatch(spec.strip())) and not Path(spec).expanduser().exists():
-        repo, revision, file = pinned.group(1), pinned.group(2), pinned.group(3) or ""
-        then = f"pass DIR/{file} to {what}" if file else f"pass that DIR to {what}"
-        raise UserError(f"{what} {spec}: a LoRA on the Hugging Face hub is read at its main branch, and no revision "
-                        f"can be named (@...): run `hf download {repo}{f' {file}' if file else ''} --revision "
-                        f"{revision} --local-dir DIR`, then {then} (its records then name that folder)")
     return None if named is None else fetch_hub_lora(*named, what, spec)
