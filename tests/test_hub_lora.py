@@ -393,6 +393,49 @@ def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the
     row = next(line for line in card.splitlines() if "started from" in line)
     assert (f"the LoRA [`{REPO}`](https://huggingface.co/{REPO}) at commit {_commit(REPO)}, sha256 "
             f"{source['sha256']} (of its pytorch_lora_weights.safetensors)") in row, row
+    # the training command as it reads again the LoRA the run started from (the id alone: main, which moves)
+    [started] = [line for line in card.splitlines() if "--init-lora" in line]
+    assert f" --init-lora {REPO}@{_commit(REPO)} " in f"{started} ", started
+
+
+@pytest.mark.parametrize("line, pinned", [
+    ("lowmem-alignprop --init-lora o/x --steps 5", "lowmem-alignprop --init-lora o/x@{c} --steps 5"),
+    ("lowmem-alignprop --init-lora=o/x/sub/y.safetensors", "lowmem-alignprop --init-lora=o/x@{c}/sub/y.safetensors"),
+    ("lowmem-alignprop --set init_lora=o/x@v2 --steps 5", "lowmem-alignprop --set init_lora=o/x@{c} --steps 5"),
+    ("lowmem-alignprop --set=init_lora=o/x@main/y.safetensors",
+     "lowmem-alignprop --set=init_lora=o/x@{c}/y.safetensors"),
+    ("lowmem-alignprop --init-lora o/x@{c}", None), ("lowmem-alignprop --init-lora o/x@{short}", None),
+    ("lowmem-alignprop --init-lora /abs/lora --set init_lora=./here", None),
+    ("lowmem-alignprop --output-dir o/x --resume latest --init-lora o/x", None)])
+def test_the_cards_command_names_the_commit_a_hub_init_lora_was_read_at(line, pinned):
+    """The card's training command: a hub id --init-lora (or --set init_lora) without a commit (main, a branch or a
+    tag: they move) names the commit init_lora/source.json recorded, as --set revision= pins --model; one that names
+    it already, a path, a --resume line stay as recorded."""
+    from lowmem_alignprop.lora.model_card import pinned_init_lora
+
+    commit = _commit("o/x")
+    line = line.format(c=commit, short=commit[:8])
+    assert pinned_init_lora(line, commit) == (line if pinned is None else pinned.format(c=commit))
+    assert pinned_init_lora(line, None) == line
+
+
+def test_a_run_without_its_command_record_and_the_started_from_row_of_an_id_at_a_revision(tmp_path):
+    """A run without command.txt: the command written from its config names the commit too; the "started from" row
+    of --init-lora owner/name@REV links the repository's page (it linked https://huggingface.co/o/x@v2)."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.lora.model_card import started_from, training_command
+
+    commit, sha = _commit("o/x@v2"), "a" * 64
+    (tmp_path / "init_lora").mkdir()
+    (tmp_path / "init_lora" / "source.json").write_text(json.dumps({"file": "y.safetensors", "sha256": sha,
+                                                                    "revision": commit}))
+    lora = SimpleNamespace(run=tmp_path, starts=None, base=None, base_model="tiny", model_components="",
+                           run_config={"profile": "cpu", "model": "tiny", "init_lora": "o/x@v2/y.safetensors"})
+    assert f"--set init_lora=o/x@{commit}/y.safetensors" in training_command(lora)
+    row = started_from({"init_lora": "o/x@v2", "init_lora_source": {"file": "y.safetensors", "sha256": sha,
+                                                                    "revision": commit}})
+    assert row.startswith(f"the LoRA [`o/x@v2`](https://huggingface.co/o/x) at commit {commit}, sha256 {sha} "), row
 
 
 def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(made, hub_cache, tmp_path,

@@ -64,12 +64,26 @@ def hub_lora_id(spec: str) -> tuple[str, str, str] | None:
     spec = spec.strip()
     if not spec or spec.startswith((".", "~", "/")) or windows_path(spec) or Path(spec).expanduser().exists():
         return None
+    return split_hub_id(spec)
+
+
+def split_hub_id(spec: str) -> tuple[str, str, str] | None:
+    """(repo, file, revision) of a hub LoRA id by its form alone (:func:`hub_lora_id` without the paths here: a
+    record's), None for another form."""
+    spec = spec.strip()
     if (pinned := _AT_REVISION.fullmatch(spec)) is not None:
         return pinned.group(1), pinned.group(3) or "", pinned.group(2)
     if looks_like_hub_id(spec):  # (owner/x.safetensors: a relative file mistyped, not a repository named so)
         return None if spec.lower().endswith(SINGLE_FILE_SUFFIXES) else (spec, "", "")
     found = _HUB_FILE.fullmatch(spec)
     return (found.group(1), found.group(2), "") if found else None
+
+
+def at_commit(spec: str, commit: str) -> str | None:
+    """Hub LoRA id ``spec`` at ``commit`` (``owner/name@COMMIT[/file.safetensors]``: what loads that commit again,
+    the file chosen as from ``spec``), None where ``spec`` is no hub id's form."""
+    named = split_hub_id(spec)
+    return None if named is None else f"{named[0]}@{commit}" + (f"/{named[1]}" if named[1] else "")
 
 
 def choose_file(repo: str, files: list[str], what: str, spec: str) -> str:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lowmem_alignprop.lora.hub_lora import at_commit, split_hub_id
 from lowmem_alignprop.lora.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
@@ -96,7 +97,7 @@ def started_from(info: dict[str, Any]) -> str:
     if source := info.get("init_lora_source"):
         digest = f", sha256 {source['sha256']} (of {f'its {source[FILE]}' if source[FILE] else 'the file'})"
         if source.get("revision"):  # a hub id's LoRA: its page, and the commit the run read it at
-            repo = "/".join(str(info["init_lora"]).split("/")[:2])
+            repo = (split_hub_id(str(info["init_lora"])) or ("/".join(str(info["init_lora"]).split("/")[:2]),))[0]
             name = f"[`{info['init_lora']}`](https://huggingface.co/{repo}) at commit {source['revision']}"
     return (f"the LoRA {name}{digest} (its own training is not in the steps above; the samples' \"before\" are its "
             "images)")
@@ -215,8 +216,8 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     lines = started_commands(lora.run) if lora.run is not None else []
     if isinstance(lora.starts, int) and lora.starts > 0:
         lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
-    pins = hub_pins(lora)
-    lines = [pinned_command(line, pins) for line in lines]
+    pins, commit = hub_pins(lora), init_lora_commit(lora)
+    lines = [pinned_init_lora(pinned_command(line, pins), commit) for line in lines]
     if lines and folders:
         dirs = start_folders(lora, len(lines))
         lines = [said for line, folder in zip(lines, dirs)
@@ -237,6 +238,8 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
         from lowmem_alignprop.settings.config import Config
         defaults = Config().to_dict()
     c = {**c, **pins}  # (the commits its hub parts came from, which the names alone may no longer load)
+    if commit and (pinned := at_commit(str(c.get("init_lora") or ""), commit)) is not None:
+        c["init_lora"] = pinned  # (a hub id --init-lora: the commit it was read at)
     parts = ["lowmem-alignprop", "--profile", profile]
     flags = {"model": "--model", "reward": "--reward", "prompts": "--prompts", "steps": "--steps",
              "seed": "--seed", "output_dir": "--output-dir"}
@@ -285,6 +288,38 @@ def pinned_command(line: str, pins: dict[str, str]) -> str:
                 words[i], moved = word[:len(word) - len(value)] + pins[key.strip()], True
     extra = [f"--set {pin}={commit}" for pin, commit in pins.items() if pin not in given]
     return " ".join([shlex.join(words) if moved else line, *extra])
+
+
+def init_lora_commit(lora: Lora) -> str | None:
+    """The commit a hub id --init-lora was read at (the run's init_lora/source.json ``revision``), else None."""
+    source = recorded_init_source(lora.run / INIT_LORA_DIR) if lora.run is not None else None
+    return (source or {}).get("revision")
+
+
+def pinned_init_lora(line: str, commit: str | None) -> str:
+    """A recorded command line that started a run (not a --resume) with its hub id --init-lora (or ``--set
+    init_lora=``) at ``commit``, the one it was read at (``owner/name@COMMIT[/file]``), unless it names that commit
+    already: the hub id alone, or at a branch or tag, loads what the repository holds now."""
+    import shlex
+
+    try:
+        words = shlex.split(line)
+    except ValueError:  # (unbalanced quotes: as recorded)
+        return line
+    if not commit or any(w == "--resume" or w.startswith("--resume=") for w in words):
+        return line
+    moved = False
+    for i, (before, word) in enumerate(zip(["", *words], words)):
+        value = word if before == "--init-lora" else word.removeprefix("--init-lora=") \
+            if word.startswith("--init-lora=") else ""
+        key, eq, setting = word.removeprefix("--set=").partition("=")
+        if (before == "--set" or word.startswith("--set=")) and key.strip() == "init_lora" and eq:
+            value = setting
+        head = word[:len(word) - len(value)]  # (--init-lora=, --set init_lora=: kept)
+        named = split_hub_id(value) if value else None
+        if named is not None and not _names_commit(named[2], commit):
+            words[i], moved = head + str(at_commit(value, commit)), True
+    return shlex.join(words) if moved else line
 
 
 def _names_commit(value: str, commit: str) -> bool:
