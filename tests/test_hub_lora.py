@@ -482,6 +482,35 @@ def test_sample_of_a_hub_lora_at_a_revision_with_a_weight_renders_that_revisions
                     "revision": _commit(f"{REPO}@v2")}
 
 
+def test_sample_lines_name_a_hub_lora_by_its_id_not_its_hub_cache_path(made, hub_cache, tmp_path, caplog):
+    """sample's lines on the model a LoRA was trained on, and on one LoRA given twice, name a hub LoRA as the user
+    gave it (owner/name, @REV and a file where named), not as its file in the hub cache (they named
+    .../hub/models--someone--style-lora/snapshots/<commit>)."""
+    import argparse
+    import logging
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    cached_snapshot(hub_cache, REPO, made["lora"])
+    cached_snapshot(hub_cache, REPO, made["lora"], ref="v2")
+    model = json.loads((made["lora"] / "base_model.json").read_text())["model"]
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+
+    def said(model_given: str | None, *loras: str) -> list[str]:
+        caplog.clear()
+        take_run_settings(argparse.Namespace(lora=list(loras), set=[], model=model_given, reward=None, prompts=None,
+                                             recipe=None, output_dir="out"), [])
+        lines = [r.getMessage() for r in caplog.records]
+        assert not any(str(hub_cache) in line for line in lines), lines
+        return lines
+    assert said(None, f"{REPO}@v2")[0].startswith(f"--model not given: sampling {model}, the model {REPO}@v2 was "
+                                                  "trained on (--model to choose another); as its run did: ")
+    lines = said(str(tmp_path), REPO, f"{REPO}/pytorch_lora_weights.safetensors:0.5")
+    assert lines[0] == (f"--lora {REPO} and --lora {REPO}/pytorch_lora_weights.safetensors:0.5 are the same LoRA: "
+                        f"their weights add up (as --lora {REPO}:1.5)")
+    assert lines[1].startswith(f"--model {tmp_path} is not the model {REPO} was trained on ({model}): "), lines
+
+
 def test_a_flux_lora_from_the_hub_on_a_unet_model_is_refused_in_one_line(hub_cache, tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 

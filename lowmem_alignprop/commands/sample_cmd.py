@@ -71,7 +71,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     elif base is not None:  # (the LoRA's own model sampled as its run did; another one as the profile samples)
         logger.info("--model %s is not the model %s was trained on (%s): sampled with the profile's image settings, "
                     "not its run's (--model %s renders as its run did; --set KEY=VALUE chooses)", args.model,
-                    specs[0].named, base[0], base[0])
+                    specs[0].shown, base[0], base[0])
     elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
         _take_header(args, specs, given)
     return SampleRequest(specs, own, _numbered(args, given), default_model, header if default_model else "")
@@ -113,10 +113,10 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
             args.set.append(f"revision={commit}")
         logger.info(
             "--model not given: sampling %s%s, the model %s was trained on (--model to choose another)%s", base[0],
-            f" at commit {commit}" if commit and "revision" not in given else "", specs[0].named, settings)
+            f" at commit {commit}" if commit and "revision" not in given else "", specs[0].shown, settings)
     elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
         what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
-        logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].named, settings)
+        logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].shown, settings)
     say_other_runs(specs, base[1], given)
 
 

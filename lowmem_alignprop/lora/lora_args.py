@@ -73,6 +73,12 @@ class LoraSpec:
         return self.source or self.file
 
     @property
+    def shown(self) -> str:
+        """The LoRA as lines name it: a hub id's as the user gave it (owner/name, with @REV and the file where
+        named), not its file in the hub cache; else the path named, absolute."""
+        return (self.hub.shown or f"{self.hub.repo}/{self.hub.file}") if self.hub is not None else str(self.named)
+
+    @property
     def header_file(self) -> Path:
         """The file whose header tells how its run sampled (the model, image settings, reward): the ``.safetensors``
         the user named, not the converted copy of an SD3/FLUX kohya file (written without that header)."""

@@ -85,7 +85,7 @@ def check_mixable(specs: list[LoraSpec]) -> None:
         if a.file.resolve() == b.file.resolve() or a.named.resolve() == b.named.resolve():
             log.warning(
                 "--lora %s and --lora %s are the same LoRA: their weights add up (as --lora %s:%g)", a.arg, b.arg,
-                a.named, a.weight + b.weight)
+                a.shown, a.weight + b.weight)
 
 
 def _layer_widths(file: Path) -> dict[str, int]:
