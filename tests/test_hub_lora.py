@@ -30,7 +30,18 @@ REPO = "someone/style-lora"
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
         "--set", "batch_size=1"]
 
-pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers", "no_header_request")
+
+
+@pytest.fixture
+def no_header_request(monkeypatch):
+    """huggingface_hub's read of a hub file's safetensors header, which an online fetch asks before its download,
+    answered as a failed request (no test touches the network); a test that reads headers sets its own."""
+    import huggingface_hub
+
+    def failed(*a, **k):
+        raise OSError("no request leaves a test")
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", failed)
 
 
 def _commit(repo: str) -> str:
@@ -312,6 +323,46 @@ def test_online_a_revision_is_listed_and_downloaded_at_it_and_one_the_hub_lacks_
     assert str(e.value) == ("--init-lora online/pinned@v9: the hub repository online/pinned has no revision v9 (no "
                             "such branch, tag or commit): check it on https://huggingface.co/online/pinned/commits/"
                             "main, or leave @v9 out to read main")
+
+
+def test_online_a_full_models_file_is_refused_from_its_header_before_its_download(online_by_setting, hub_cache,
+                                                                                  made, monkeypatch):
+    """Online, the chosen file's safetensors header (a few KB) is read before the file: a checkpoint's weights (the
+    only .safetensors at a repository's root: gigabytes) are refused with the local check's line, nothing downloaded;
+    a LoRA's header, or one that cannot be read, downloads as before."""
+    import huggingface_hub
+    from safetensors import safe_open
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+    lora_file = made["lora"] / "pytorch_lora_weights.safetensors"
+    with safe_open(str(lora_file), "pt") as f:
+        lora_header = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    headers = {"full/model": {"conv_in.weight": [320, 4, 3, 3], "conv_in.bias": [320]}, "good/lora": lora_header}
+    asked: list[str] = []
+
+    def header(repo, filename, **kw):
+        if repo not in headers:
+            raise OSError("the request failed")
+        return type("Header", (), {"tensors": {k: type("Info", (), {"shape": v}) for k, v in headers[repo].items()}})
+
+    def download(repo, filename, **kw):
+        asked.append(repo)
+        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("e" * 40) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lora_file, target)
+        return str(target)
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", header)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: ["model.safetensors"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("full/model", "--init-lora")
+    assert str(e.value) == ("--init-lora full/model holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's "
+                            "lora_down / lora_A: a full (or merged) model goes to --model; --init-lora starts from a "
+                            "LoRA (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
+    assert asked == []  # nothing downloaded
+    assert hub_lora.hub_lora("good/lora", "--lora").file == "model.safetensors"
+    assert hub_lora.hub_lora("no/header", "--lora").file == "model.safetensors"
+    assert asked == ["good/lora", "no/header"]
 
 
 def _hub_error(kind: str, repo: str):

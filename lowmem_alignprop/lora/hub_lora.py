@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, is_peft_folder
+from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, is_peft_folder, not_a_lora
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
@@ -149,6 +149,8 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubL
             raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
                             + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
+        if refusal := _header_refusal(repo, chosen, at, what, spec):  # (before the download: it may be gigabytes)
+            raise UserError(refusal)
         path = Path(huggingface_hub.hf_hub_download(repo, chosen, **at))
         for record in (_beside(chosen, name) for name in (LORA_BASE_FILE, PEFT_CONFIG_NAME)):  # our export's
             if record in files:  # record of its base model (sample checks the model against it), a peft adapter's
@@ -170,6 +172,22 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubL
     except Exception as e:  # noqa: BLE001 - huggingface_hub's: a failed request
         raise UserError(hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
     return HubLora(repo, chosen, _snapshot(path, chosen).name, path, spec.strip())
+
+
+def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str) -> str | None:
+    """lora_files.not_a_lora's line for a hub .safetensors file whose header (read alone: a few KB of what may be a
+    checkpoint of many GB) names a full model's or an embedding's tensors; None for a LoRA's, another kind of file,
+    or a header that cannot be read (the download and the local checks then decide)."""
+    import huggingface_hub
+
+    if not file.endswith(".safetensors"):
+        return None
+    try:
+        header = huggingface_hub.parse_safetensors_file_metadata(repo, file, **at)
+        shapes = {name: tuple(info.shape) for name, info in header.tensors.items()}
+    except Exception:  # noqa: BLE001 - no header read here (an old hub, a failed request): not a verdict
+        return None
+    return not_a_lora(what, spec, keys=shapes)
 
 
 def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
