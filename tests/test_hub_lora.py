@@ -29,6 +29,7 @@ from lowmem_alignprop.settings.errors import UserError
 REPO = "someone/style-lora"
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
         "--set", "batch_size=1"]
+FEW = ["--set", "sample_steps=4"]  # sample's denoising steps (the same for the LoRA and the file it is compared with)
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handlers", "no_header_request")
 
@@ -494,8 +495,8 @@ def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(m
     snapshot = cached_snapshot(hub_cache, REPO, made["lora"])
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, REPO)
-    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, snapshot / "pytorch_lora_weights.safetensors")
+    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, REPO, *FEW)
+    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, snapshot / "pytorch_lora_weights.safetensors", *FEW)
     assert seed == seed_2 and torch.equal(base, base_2) and torch.equal(by_id, by_path)
     assert (by_id - base).abs().max() > 0.01  # (the LoRA shows)
     [lora] = json.loads((tmp_path / "a" / "sampled" / "sample_results.json").read_text())["loras"]
@@ -508,7 +509,7 @@ def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(m
     peft = export(tmp_path, made["lora"], "--format", "peft")
     cached_snapshot(hub_cache, "someone/style-peft", peft)
     (tmp_path / "c").mkdir()
-    assert sampled(tmp_path / "c", monkeypatch, "someone/style-peft")[2].sub(by_path).abs().max() < 1e-3
+    assert sampled(tmp_path / "c", monkeypatch, "someone/style-peft", *FEW)[2].sub(by_path).abs().max() < 1e-3
 
 
 def test_sample_of_a_hub_lora_at_a_revision_with_a_weight_renders_that_revisions_file(made, hub_cache, tmp_path,
@@ -524,8 +525,9 @@ def test_sample_of_a_hub_lora_at_a_revision_with_a_weight_renders_that_revisions
     v2 = cached_snapshot(hub_cache, REPO, made["lora"], ref="v2")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, f"{REPO}@v2:0.5")
-    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, f"{v2 / 'pytorch_lora_weights.safetensors'}:0.5")
+    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, f"{REPO}@v2:0.5", *FEW)
+    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, f"{v2 / 'pytorch_lora_weights.safetensors'}:0.5",
+                                         *FEW)
     assert seed == seed_2 and torch.equal(base, base_2) and torch.equal(by_id, by_path)
     assert (by_id - base).abs().max() > 0.005  # (the LoRA shows: main's, at half its update, renders otherwise)
     [lora] = json.loads((tmp_path / "a" / "sampled" / "sample_results.json").read_text())["loras"]
