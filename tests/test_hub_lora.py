@@ -28,7 +28,7 @@ from lowmem_alignprop.settings.errors import UserError
 
 REPO = "someone/style-lora"
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
-        "--set", "batch_size=1"]
+        "--set", "batch_size=1", "--set", "fidelity_images=0"]
 FEW = ["--set", "sample_steps=4"]  # sample's denoising steps (the same for the LoRA and the file it is compared with)
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handlers", "no_header_request")
