@@ -179,24 +179,30 @@ def _exact_mask(size, starts, tile, radius, scale):
     return ok
 
 
-def test_tiled_decode_is_exact_away_from_seams_on_a_local_decoder():
-    size, tile, overlap = 64, 40, 8  # two tiles per side, starting at 0 and 24
+@pytest.mark.parametrize("height, width", [(64, 64), (40, 64), (64, 40)], ids=["square", "wide", "tall"])
+def test_tiled_decode_is_exact_away_from_seams_on_a_local_decoder(height, width):
+    """Square: two tiles per side, starting at 0 and 24. A non-square latent (--set resolution=WxH) within the same
+    tolerances: 40x64 (height x width) is one row of tiles, at columns 0 and 24; 64x40 one column, at rows 0 and 24."""
+    tile, overlap = 40, 8
     vae = _local_vae()
-    z = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    z = torch.randn(1, 4, height, width, generator=torch.Generator().manual_seed(0), requires_grad=True)
     whole = vae.decode(z).sample
-    scale = whole.shape[-1] // size
+    scale = whole.shape[-1] // width
+    assert whole.shape[-2:] == (height * scale, width * scale)
     # receptive field radius, in latent cells, from the gradient of the centre pixel (+1 for the upsampling)
-    c = size * scale // 2
-    g = torch.autograd.grad(whole[0, 0, c, c], z, retain_graph=True)[0].abs().sum(dim=(0, 1))
+    cy, cx = height * scale // 2, width * scale // 2
+    g = torch.autograd.grad(whole[0, 0, cy, cx], z, retain_graph=True)[0].abs().sum(dim=(0, 1))
     rows = g.sum(dim=1).nonzero().flatten()
-    radius = int(max(c // scale - rows.min().item(), rows.max().item() - c // scale)) + 1
+    radius = int(max(cy // scale - rows.min().item(), rows.max().item() - cy // scale)) + 1
     assert 4 <= radius < 16
 
     tiled = tiled_decode(vae, z, tile_size=tile, overlap=overlap)
+    assert tiled.shape == whole.shape
     diff = (tiled - whole).abs().amax(dim=(0, 1))
     top = whole.abs().max()
-    m = _exact_mask(size, tile_starts(size, tile, overlap), tile, radius, scale)
-    exact = m[:, None] & m[None, :]
+    m_y = _exact_mask(height, tile_starts(height, tile, overlap), tile, radius, scale)
+    m_x = _exact_mask(width, tile_starts(width, tile, overlap), tile, radius, scale)
+    exact = m_y[:, None] & m_x[None, :]
     assert exact.float().mean() > 0.5  # most of the image is "away from the seams"
     assert diff[exact].max() <= 1e-5 * top  # exact there
     assert diff.max() <= 0.05 * top  # stated tolerance at the seams: 5% of the output's range (measured 2.9%)
