@@ -86,6 +86,22 @@ def test_bad_input_a_side_the_flow_model_cannot_make_is_one_line_before_it_loads
         Config(model=model, resolution=value).validate()
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["--model", "toy", "--set", "resolution=96x64"], "toy_clip"),
+    (["--reward", "brightness:1,toy_count=3:0.5", "--set", "resolution=64x96"], "toy_count=3"),
+    (["sample", "--model", "toy", "--set", "resolution=96x64"], "toy_clip"),
+    (["plan", "--profile", "cpu", "--model", "toy", "--set", "resolution=96x64"], "toy_clip")])
+def test_bad_input_a_toy_reward_of_a_non_square_image_is_one_line(argv, name, tmp_path, capsys):
+    """toy_clip and toy_count read 64x64 images (ConvTower resizes to a square): a 96x64 image was squeezed into it,
+    its circles scored as ellipses. Refused before any model loads, in train, sample and plan alike."""
+    out = tmp_path / "run"
+    size = next(a for a in argv if a.startswith("resolution=")).partition("=")[2]
+    line = (f"error: reward {name} reads square images (the toy world's scenes are 64x64): a {size} image would be "
+            "squeezed into a square, its shapes distorted; use a square size (--set resolution=64) or another reward")
+    argv = argv if argv[0] in ("sample", "plan") else [*FAST, *argv]
+    assert_refused(main, [*argv, "--output-dir", str(out)] if argv[0] != "plan" else argv, line, out, capsys)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the rollout renders the pipeline's images at height x width
 # ---------------------------------------------------------------------------------------------------------------

@@ -362,11 +362,13 @@ def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = N
                       prompts: list[str] | None = None, weights: str | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
     ``resolution`` (a side, or the run's (height, width)), also call each user reward once on two random images of
-    that size (see :func:`probe_reward`);
+    that size (see :func:`probe_reward`) and refuse a toy reward at a non-square size (:func:`check_square_rewards`);
     with ``weights`` (reward_weights; not for ``plan``, which reads no weights), the model rewards' local weight
     files are found (:func:`clip_rewards.check_local_weights`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
     resolved = reward_terms(spec)
+    if resolution:
+        check_square_rewards(resolved, resolution)
     if weights is not None:
         from .clip_rewards import check_local_weights
 
@@ -385,6 +387,20 @@ def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = N
                 options = {"device": device, "dtype": torch.float32, "checkpointing": False, "weights": ""}
                 module = _user_reward(name, options)  # a class or factory that fails: one line naming the call
                 probe_reward(module.freeze().to(device), resolution, prompts)
+
+
+SQUARE_REWARDS = ("toy_clip", "toy_count")  # ConvTower resizes any image to 64x64: a wide one squeezed
+
+
+def check_square_rewards(resolved: list[tuple[str, str, float]], resolution: int | tuple[int, int]) -> None:
+    """The toy world's rewards read 64x64 images, the square scenes they were trained on: an image of another
+    aspect (``resolution``: (height, width)) would be squeezed into that square. One line naming the fix."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    square = [name for kind, name, _ in resolved if kind == "builtin" and name.partition("=")[0] in SQUARE_REWARDS]
+    if square and height != width:
+        raise UserError(f"reward {square[0]} reads square images (the toy world's scenes are 64x64): a {width}x{height}"
+                        " image would be squeezed into a square, its shapes distorted; use a square size (--set "
+                        "resolution=64) or another reward")
 
 
 def probe_reward(reward: RewardModule, resolution: int | tuple[int, int], prompts: list[str] | None = None) -> None:
