@@ -102,6 +102,42 @@ def test_bad_input_a_toy_reward_of_a_non_square_image_is_one_line(argv, name, tm
     assert_refused(main, [*argv, "--output-dir", str(out)] if argv[0] != "plan" else argv, line, out, capsys)
 
 
+@pytest.mark.parametrize("spec, size, said", [
+    ("clip:1,brightness:0.5", (832, 1216), "reward clip scores the centre 832x832 px of each 1216x832 image (its "
+     "preprocessing: shortest side resized, then a centre crop, as CLIP's image processor does): the 192 px at the "
+     "left and right are not scored, so the reward does not train them"),
+    ("aesthetic:1,pickscore:1", (1216, 832), "rewards aesthetic, pickscore score the centre 832x832 px of each "
+     "832x1216 image (their preprocessing: shortest side resized, then a centre crop, as CLIP's image processor "
+     "does): the 192 px at the top and bottom are not scored, so the rewards do not train them"),
+    ("hpsv2", (512, 512), None), ("brightness", (832, 1216), None)])
+def test_a_clip_reward_of_a_non_square_image_says_it_scores_the_centre_square(spec, size, said, caplog):
+    """CLIP-family rewards resize the shortest side and crop the centre square (ClipPreprocess, as transformers'
+    CLIPImageProcessor): a 1216x832 image's 192 px either side are not scored. Said once at start-up (train, sample,
+    plan), before any model loads; a square image or a weight-free reward says nothing."""
+    import logging
+
+    from lowmem_alignprop.rewards import check_reward_spec
+
+    with caplog.at_level(logging.WARNING):
+        check_reward_spec(spec, resolution=size)
+    assert [r.getMessage() for r in caplog.records] == ([said] if said else [])
+
+
+def test_clip_preprocessing_of_a_wide_image_drops_its_sides():
+    """What the warning says, on ClipPreprocess: a 32x64 (height x width) image at size 16 is its centre 32x32
+    square; pixels in the outer 12 columns either side change nothing, a change in the centre does."""
+    from lowmem_alignprop.rewards.clip_rewards import ClipPreprocess
+
+    pre = ClipPreprocess(16, 16)
+    image = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    sides, centre = image.clone(), image.clone()
+    sides[..., :12], sides[..., -12:] = 1 - image[..., :12], 1 - image[..., -12:]
+    centre[..., 30:34] = 1 - image[..., 30:34]
+    assert pre(image).shape == (1, 3, 16, 16)
+    assert torch.equal(pre(sides), pre(image))
+    assert (pre(centre) - pre(image)).abs().max() > 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the rollout renders the pipeline's images at height x width
 # ---------------------------------------------------------------------------------------------------------------

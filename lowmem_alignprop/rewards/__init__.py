@@ -369,6 +369,8 @@ def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = N
     resolved = reward_terms(spec)
     if resolution:
         check_square_rewards(resolved, resolution)
+        if note := cropped_note(resolved, resolution):
+            logging.getLogger(__name__).warning("%s", note)
     if weights is not None:
         from .clip_rewards import check_local_weights
 
@@ -401,6 +403,23 @@ def check_square_rewards(resolved: list[tuple[str, str, float]], resolution: int
         raise UserError(f"reward {square[0]} reads square images (the toy world's scenes are 64x64): a {width}x{height}"
                         " image would be squeezed into a square, its shapes distorted; use a square size (--set "
                         "resolution=64) or another reward")
+
+
+def cropped_note(resolved: list[tuple[str, str, float]], resolution: int | tuple[int, int]) -> str | None:
+    """What the CLIP-family rewards (:data:`MODEL_REWARDS`) of a spec see of a non-square image (``resolution``:
+    (height, width)): ClipPreprocess, as CLIPImageProcessor, resizes the shortest side and crops the centre square,
+    so the rest of the long side is neither scored nor trained. None for a square image or no such reward."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    names = list(dict.fromkeys(name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS))
+    if not names or height == width:
+        return None
+    short, cut = min(height, width), abs(width - height) // 2
+    where = "left and right" if width > height else "top and bottom"
+    one = len(names) == 1
+    return (f"reward{'' if one else 's'} {', '.join(names)} score{'s' if one else ''} the centre {short}x{short} px "
+            f"of each {width}x{height} image ({'its' if one else 'their'} preprocessing: shortest side resized, then "
+            f"a centre crop, as CLIP's image processor does): the {cut} px at the {where} are not scored, so the "
+            f"reward{'' if one else 's'} do{'es' if one else ''} not train them")
 
 
 def probe_reward(reward: RewardModule, resolution: int | tuple[int, int], prompts: list[str] | None = None) -> None:
