@@ -593,3 +593,68 @@ def test_a_recorded_init_lora_hub_id_is_no_relative_path(tmp_path, command, rela
 
     (tmp_path / "here" / "lora").mkdir(parents=True)
     assert has_relative_path(f"lowmem-alignprop {command}", tmp_path) is relative
+
+
+def _cache_files(cache) -> dict[str, str]:
+    """Every entry of the hub cache (links by their target, files by their bytes' digest): a write into it shows."""
+    return {str(p.relative_to(cache)): (f"-> {p.readlink()}" if p.is_symlink() else
+                                        hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(cache.rglob("*"))}
+
+
+def test_export_of_a_hub_lora_is_the_export_of_its_file_naming_the_id_and_commit_and_leaves_the_cache_alone(
+        made, hub_cache, tmp_path, monkeypatch, caplog):
+    """export --lora owner/name --format kohya: the tensors of the export of its file by path; the file and card named
+    by the repository, the card's row and command and base_model.json's hub_lora naming the id and the commit read;
+    nothing written into the hub cache (without --out: export/NAME/kohya in the working folder)."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    snapshot = cached_snapshot(hub_cache, REPO, made["lora"])
+    before = _cache_files(hub_cache)
+    commit = _commit(REPO)
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main(["export", "--lora", REPO, "--format", "kohya", "--out", str(tmp_path / "a")]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"exported {REPO} (kohya) to {tmp_path / 'a'}: README.md, base_model.json, "
+                    "style-lora_alignprop_lora.safetensors"]
+    assert main(["export", "--lora", str(snapshot / "pytorch_lora_weights.safetensors"), "--format", "kohya",
+                 "--out", str(tmp_path / "b")]) == 0
+    [by_id], [by_path] = (sorted((tmp_path / x).glob("*.safetensors")) for x in "ab")
+    assert by_id.name == "style-lora_alignprop_lora.safetensors"
+    ours, theirs = load_file(str(by_id)), load_file(str(by_path))
+    assert sorted(ours) == sorted(theirs) and len(ours) > 10 and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    card = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    assert "\n# style-lora: AlignProp fine-tune\n" in card
+    assert (f"| exported from | the Hugging Face hub LoRA [`{REPO}`](https://huggingface.co/{REPO}) at commit {commit} "
+            "(its pytorch_lora_weights.safetensors) |") in card
+    assert f"\nlowmem-alignprop export --lora {REPO}@{commit} --format kohya --out {tmp_path / 'a'}\n" in card
+    assert str(hub_cache) not in card
+    record = json.loads((tmp_path / "a" / "base_model.json").read_text())
+    assert record["hub_lora"] == {"repo": REPO, "file": "pytorch_lora_weights.safetensors", "revision": commit}
+    assert undocumented(record, documented_keys(DOC.read_text(encoding="utf-8"))["lora/base_model.json"]) == []
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", REPO, "--format", "kohya"]) == 0  # (the positional LoRA, no --out)
+    assert sorted(p.name for p in (tmp_path / "export" / "style-lora" / "kohya").iterdir()) == [
+        "README.md", "base_model.json", "style-lora_alignprop_lora.safetensors"]
+    assert _cache_files(hub_cache) == before
+
+
+def test_export_of_a_hub_lora_refused_as_its_file_is_and_not_cached_offline_is_one_line_naming_the_id(
+        made, hub_cache, tmp_path, capsys):
+    """A hub LoRA export refuses as it refuses the file by path (a kohya file: "a LoRA file already"), its line naming
+    the id, not its path in the hub cache; one not in the cache without network: the line with its hf download."""
+    kohya = tmp_path / "kohya"
+    kohya.mkdir()
+    shutil.copy(made["lora"] / "pytorch_lora_weights.safetensors", kohya / "style.safetensors")
+    cached_snapshot(hub_cache, "someone/kohya-style", kohya)
+    out = tmp_path / "out"
+    assert_refused(main, ["export", "--lora", "someone/kohya-style", "--format", "kohya", "--out", str(out)],
+                   "error: --lora someone/kohya-style is a LoRA file already: export converts the LoRA a run wrote "
+                   "(its lora/ folder or a checkpoint); use this one as it is", out, capsys)
+    assert_refused(main, ["export", "--lora", "someone/not-here", "--format", "kohya", "--out", str(out)],
+                   "error: --lora someone/not-here: no such file or folder here, and as a Hugging Face hub id it is "
+                   "not in the local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a "
+                   "machine with network run `hf download someone/not-here --local-dir DIR`, then pass that DIR to "
+                   "--lora", out, capsys)

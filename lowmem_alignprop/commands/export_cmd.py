@@ -24,10 +24,12 @@ def export_parser() -> argparse.ArgumentParser:
                "  lowmem-alignprop export --lora outputs/run/lora --format peft\n"
                "  lowmem-alignprop export --lora outputs/run/lora --merge --weight 0.8 --out merged-model\n"
                "  lowmem-alignprop export --lora outputs/run/lora --merge --single-file   # A1111 models/Stable-diffusion\n"
-               "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora")
+               "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora\n"
+               "  lowmem-alignprop export --lora someone/style-lora --format kohya --out style-kohya   # from the hub")
     p.add_argument("lora_dir", nargs="?", metavar="LORA", help="the LoRA to export, as --lora (either way)")
     p.add_argument("--lora", metavar="DIR", help="the lora/ folder a run wrote (or the run folder, or a "
-                   "training checkpoint: checkpoints/step-300)")
+                   "training checkpoint: checkpoints/step-300), or such a LoRA on the Hugging Face hub: OWNER/NAME, "
+                   "OWNER/NAME/FILE.safetensors, OWNER/NAME@REV (a path that exists wins)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
                    help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
                         "(default). Several, comma-separated (kohya,peft): one folder each (with --out: OUT/FORMAT)")
@@ -75,19 +77,36 @@ def export_main(argv: list[str]) -> int:
     outs = {fmt: given / fmt if given and len(formats) > 1 else given for fmt in formats}  # (None: RUN/export/FORMAT)
     for out in filter(None, outs.values()):
         lx.check_out(out)
-    recover_lora(args.lora)
-    lora = read_lora(args.lora, merge=args.merge)
-    command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)  # (each card: the one that made it)
+    lora = lx.read_hub_lora(args.lora, merge=args.merge)  # owner/name[/file.safetensors]: read from the hub cache
+    if lora is None:
+        recover_lora(args.lora)
+        lora = read_lora(args.lora, merge=args.merge)
+    # (each card: the command that made it; a hub LoRA's at the commit read, which the id alone may no longer load)
+    command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in at_commit_read(argv, args.lora, lora))
     for fmt, out in outs.items():
         out = out or lx.default_out(lora, fmt, args.merge, args.single_file)
-        files = lx.export(lora, fmt, out, merge=args.merge, weight=args.weight, model=args.model, dtype=args.dtype,
-                          command=command, single_file=args.single_file, hub_repo=args.push_to_hub)
-        log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else fmt, out,
+        try:
+            files = lx.export(lora, fmt, out, merge=args.merge, weight=args.weight, model=args.model,
+                              dtype=args.dtype, command=command, single_file=args.single_file,
+                              hub_repo=args.push_to_hub)
+        except UserError as e:  # (a hub LoRA's lines name its id, not its file in the hub cache)
+            raise UserError(lx.by_id(lora, str(e))) from None
+        log.info("exported %s (%s) to %s: %s", lx.by_id(lora, str(lora.named)), "merged" if args.merge else fmt, out,
                  ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:
         url = hub.push_to_hub(out, args.push_to_hub, private=args.private, rewritten=lx.hub_copies(out))
         log.info("pushed to %s", url)
     return 0
+
+
+def at_commit_read(argv: list[str], spec: str, lora) -> list[str]:
+    """``argv`` with a hub LoRA's id ``spec`` (positional, ``--lora ID`` or ``--lora=ID``) at the commit it was read
+    at (``owner/name@COMMIT[/file.safetensors]``); as given for a local LoRA."""
+    from lowmem_alignprop.lora.hub_lora import at_commit
+
+    if lora.hub is None or (pinned := at_commit(spec, lora.hub.commit)) is None:
+        return argv
+    return [pinned if word == spec else f"--lora={pinned}" if word == f"--lora={spec}" else word for word in argv]
 
 
 def recover_lora(spec: str) -> None:

@@ -46,6 +46,11 @@ class HubLora:
         return f"https://huggingface.co/{self.repo}"
 
     @property
+    def pinned(self) -> str:
+        """The id that reads it again at the commit it was read at: ``owner/name@COMMIT/FILE``."""
+        return f"{self.repo}@{self.commit}/{self.file}"
+
+    @property
     def peft(self) -> bool:
         """Whether it is a peft adapter's weights with its adapter_config.json beside them (its alpha, DoRA...): read as
         that folder."""

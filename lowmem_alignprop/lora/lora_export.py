@@ -106,13 +106,43 @@ def check_out(out: Path, flag: str = "--out") -> None:
 STEP_TAG = "-step-"  # in an export folder's name: made from a checkpoint's LoRA (kohya-step-40)
 
 
+def read_hub_lora(spec: str, merge: bool = False) -> Lora | None:
+    """export --lora ``spec`` as a hub id (lora/hub_lora.py: ``owner/name[@REV][/file.safetensors]``; a path that
+    exists wins): its file fetched into the hub cache (offline: the cache's, else one line with its ``hf download``)
+    and read as that file by its path is (read_lora), its lines naming it by the id, not by its path in the cache.
+    None where ``spec`` names no hub id."""
+    from lowmem_alignprop.lora.hub_lora import hub_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
+
+    found = hub_lora(spec, "--lora")
+    if found is None:
+        return None
+    local = found.path.parent if found.peft else found.path  # (a peft adapter: its folder, as a local one is named)
+    try:
+        lora = read_lora(str(local), merge=merge)
+    except UserError as e:
+        raise UserError(str(e).replace(str(local), found.shown)) from None
+    lora.hub = found
+    return lora
+
+
+def by_id(lora: Lora, line: str) -> str:
+    """``line`` with a hub LoRA's paths in the hub cache (its file, its folder) as the id the user gave."""
+    if lora.hub is None:
+        return line
+    return line.replace(str(lora.hub.path), lora.hub.shown).replace(str(lora.path), lora.hub.shown)
+
+
 def default_out(lora: Lora, fmt: str, merge: bool, single_file: bool = False) -> Path:
-    """RUN/export/FORMAT (merged, merged-single-file; -step-N for a checkpoint's), the next free one (-2, ...)."""
+    """RUN/export/FORMAT (merged, merged-single-file; -step-N for a checkpoint's), the next free one (-2, ...); a hub
+    LoRA's export/NAME/FORMAT in the working folder."""
     from lowmem_alignprop.run.runlock import next_free_dir
 
     kind = ("merged-single-file" if single_file else "merged") if merge else fmt
-    base = (lora.run or lora.path.parent) / "export" / (kind
-                                                       + (f"{STEP_TAG}{lora.step}" if lora.step is not None else ""))
+    # a hub LoRA's: export/NAME/FORMAT in the working folder (the hub cache is huggingface_hub's, not written into)
+    home = Path("export", lora.hub.repo.split("/")[-1]) if lora.hub is not None else (lora.run or lora.path.parent) \
+        / "export"
+    base = home / (kind + (f"{STEP_TAG}{lora.step}" if lora.step is not None else ""))
     return next_free_dir(base, lambda p: p.exists() and (not p.is_dir() or any(p.iterdir())))
 
 

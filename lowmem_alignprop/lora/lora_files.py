@@ -68,6 +68,8 @@ class Lora:
     # the layers its run kept as its --init-lora had them (models/kept_lora.py), in diffusers' names with the
     # component's prefix (unet., text_encoder., text_encoder_2.), peft's lora_A/lora_B, scale 1; {} for most LoRAs
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
+    # export --lora OWNER/NAME: the hub LoRA it was read from (lora/hub_lora.HubLora: id, file, commit), else None
+    hub: Any = None
 
     @property
     def flow(self) -> bool:

@@ -307,6 +307,7 @@ def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
     return [folder / LORA_WEIGHT_NAME]
 
 
+HUB_SOURCE = "hub_lora"  # base_model.json's key in an export of a hub LoRA: its id, file and the commit read
 EXPORTED_FROM = "lora_digest"  # base_model.json's key in an export: lora_files.lora_digest of the LoRA it was made from
 
 
@@ -324,6 +325,8 @@ def write_base_record(lora: Lora, folder: Path) -> list[Path]:
     else:
         record = dict(lora.base)  # (read_lora read it: a damaged one stopped there)
     record[EXPORTED_FROM] = lora_digest(lora)
+    if lora.hub is not None:  # export --lora OWNER/NAME: the hub LoRA and the commit it was read at
+        record[HUB_SOURCE] = {"repo": lora.hub.repo, "file": lora.hub.file, "revision": lora.hub.commit}
     (folder / LORA_BASE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return [folder / LORA_BASE_FILE]
 
@@ -334,9 +337,10 @@ STEM_BYTES = 120  # of the run folder's name in a file's: with the suffixes and 
 def file_stem(lora: Lora) -> str:
     """The kohya file's name: the run folder's (what users see in ComfyUI's and A1111's LoRA lists), its first
     STEM_BYTES bytes in UTF-8 (a folder name may take the file system's 255, which the suffixes then passed)."""
-    # a run's lora/ or best/ (step N: the step in the name, below): the run's name
+    # a run's lora/ or best/ (step N: the step in the name, below): the run's name; a hub LoRA's: its repository's
     name = (lora.run or lora.path.parent).resolve().name if lora.path.name == "lora" or lora.run is not None and \
         lora.step is not None else lora.path.resolve().name
+    name = lora.hub.repo.split("/")[-1] if lora.hub is not None else name  # (not its commit's snapshot folder)
     name = re.sub(r"[^\w.-]+", "_", name).strip("._")
     name = name.encode()[:STEM_BYTES].decode(errors="ignore").rstrip("._") or "alignprop"  # whole characters
     if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)

@@ -123,7 +123,8 @@ def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
                         f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
                         f"{r.get('into')}), with --weight for another strength")
     into = str(Path(spec).expanduser().absolute()) if Path(spec).expanduser().exists() else spec  # (a name, a hub id)
-    return [*held, {"lora": str(Path(lora.named).absolute()), "digest": digest, "weight": weight, "into": into}]
+    named = str(Path(lora.named).absolute()) if lora.hub is None else lora.hub.pinned  # (a hub LoRA: not the cache)
+    return [*held, {"lora": named, "digest": digest, "weight": weight, "into": into}]
 
 
 def held_in(held: list[dict], digest: str) -> dict | None:

@@ -421,6 +421,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         zero = ", at zero terminal SNR (trailing timesteps)" if info.get("zero_terminal_snr") else ""
         rows.append(("prediction type", f"{info.get('prediction_type', 'auto')}{zero} (as the run sampled it, which "
                                         "the base model's files do not say to every loader; sample it so)"))
+    if lora.hub is not None:  # export --lora OWNER/NAME: the hub LoRA and the commit it was read at
+        rows.append(("exported from", f"the Hugging Face hub LoRA [`{lora.hub.shown}`]({lora.hub.url}) at commit "
+                                      f"{lora.hub.commit} (its {lora.hub.file})"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
         rows.append(("started from", started_from(info)))
     if lora.kept:  # the layers its run kept as its --init-lora had them: in the file, loaded with it
@@ -465,7 +468,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if info.get("early_stopped_at"):  # (best/ holds the best evaluated step's LoRA)
         rows.append(("early stop", f"at step {info['early_stopped_at']}: the held-out evaluation stopped improving "
                                    f"(its best: step {info.get('best_step')}, the run's best/)"))
-    lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",
+    title = lora.run.name if lora.run else lora.hub.repo.split("/")[-1] if lora.hub is not None else lora.path.name
+    lines = [f"# {title}: AlignProp fine-tune", "",
              f"This folder holds {what}, trained with lowmem-alignprop (AlignProp: reward "
              "gradients backpropagated through the last K denoising steps into LoRA adapters on the "
              f"{denoiser_label(lora.flow)}).", "",
