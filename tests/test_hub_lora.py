@@ -658,3 +658,41 @@ def test_export_of_a_hub_lora_refused_as_its_file_is_and_not_cached_offline_is_o
                    "not in the local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a "
                    "machine with network run `hf download someone/not-here --local-dir DIR`, then pass that DIR to "
                    "--lora", out, capsys)
+
+
+def test_online_export_of_a_hub_lora_reads_the_header_first_and_downloads_the_lora_with_its_record(
+        online_by_setting, hub_cache, made, tmp_path, monkeypatch, capsys):
+    """Online, export --lora owner/name: a full model's file refused from its header (nothing downloaded, nothing
+    written); a LoRA's downloaded with its base_model.json at main's commit, which its export records."""
+    import huggingface_hub
+    from safetensors import safe_open
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+    with safe_open(str(made["lora"] / "pytorch_lora_weights.safetensors"), "pt") as f:
+        headers = {"good/lora": {k: f.get_slice(k).get_shape() for k in f.keys()},
+                   "full/model": {"conv_in.weight": [320, 4, 3, 3], "conv_in.bias": [320]}}
+    asked: list[tuple[str, str]] = []
+
+    def download(repo, filename, **kw):
+        asked.append((repo, filename))
+        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("e" * 40) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made["lora"] / filename, target)
+        return str(target)
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", lambda repo, file, **kw: type(
+        "Header", (), {"tensors": {k: type("Info", (), {"shape": v}) for k, v in headers[repo].items()}}))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, **kw: ["pytorch_lora_weights.safetensors", "base_model.json", "README.md"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = tmp_path / "out"
+    assert_refused(main, ["export", "--lora", "full/model", "--format", "kohya", "--out", str(out)],
+                   "error: --lora full/model holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's "
+                   "lora_down / lora_A: a full (or merged) model goes to --model; export --lora takes the LoRA a run "
+                   "wrote (its lora/ folder or a checkpoint)", out, capsys)
+    assert asked == []
+    assert main(["export", "--lora", "good/lora", "--format", "kohya", "--out", str(out)]) == 0
+    assert asked == [("good/lora", "pytorch_lora_weights.safetensors"), ("good/lora", "base_model.json")]
+    assert json.loads((out / "base_model.json").read_text())["hub_lora"] == {
+        "repo": "good/lora", "file": "pytorch_lora_weights.safetensors", "revision": "e" * 40}
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "base_model.json",
+                                                     "lora_alignprop_lora.safetensors"]  # (the repository's name)

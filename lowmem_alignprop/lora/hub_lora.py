@@ -123,10 +123,10 @@ _FETCHED: dict[tuple[str, str, str, str], HubLora] = {}  # one request a process
 # often)
 
 
-def fetch_hub_lora(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
+def fetch_hub_lora(repo: str, file: str, revision: str, what: str, spec: str, takes: str = "") -> HubLora:
     """The hub LoRA ``repo`` (``file``: the one named, "": :func:`choose_file`'s) at ``revision`` ("": main) in the
     local hub cache, fetched when the hub can be reached; ``what``/``spec``: the option and the value given, for
-    messages. Raises UserError."""
+    messages (``takes``: what the option takes, for a header's refusal: lora_files.not_a_lora's). Raises UserError."""
     from huggingface_hub import constants
 
     from lowmem_alignprop.run.hub import offline
@@ -134,12 +134,15 @@ def fetch_hub_lora(repo: str, file: str, revision: str, what: str, spec: str) ->
     key = (repo, file, revision, str(constants.HF_HUB_CACHE))
     if key in _FETCHED and _FETCHED[key].path.is_file():
         return _FETCHED[key]
-    found = (_from_cache if offline() else _download)(repo, file, revision, what, spec)
+    if offline():
+        found = _from_cache(repo, file, revision, what, spec)
+    else:
+        found = _download(repo, file, revision, what, spec, takes)
     _FETCHED[key] = found
     return found
 
 
-def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
+def _download(repo: str, file: str, revision: str, what: str, spec: str, takes: str = "") -> HubLora:
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -154,7 +157,7 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubL
             raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
                             + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
-        if refusal := _header_refusal(repo, chosen, at, what, spec):  # (before the download: it may be gigabytes)
+        if refusal := _header_refusal(repo, chosen, at, what, spec, takes):  # (before the download: it may be gigabytes)
             raise UserError(refusal)
         path = Path(huggingface_hub.hf_hub_download(repo, chosen, **at))
         for record in (_beside(chosen, name) for name in (LORA_BASE_FILE, PEFT_CONFIG_NAME)):  # our export's
@@ -179,7 +182,7 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str) -> HubL
     return HubLora(repo, chosen, _snapshot(path, chosen).name, path, spec.strip())
 
 
-def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str) -> str | None:
+def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str, takes: str = "") -> str | None:
     """lora_files.not_a_lora's line for a hub .safetensors file whose header (read alone: a few KB of what may be a
     checkpoint of many GB) names a full model's or an embedding's tensors; None for a LoRA's, another kind of file,
     or a header that cannot be read (the download and the local checks then decide)."""
@@ -192,7 +195,7 @@ def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str) -> str
         shapes = {name: tuple(info.shape) for name, info in header.tensors.items()}
     except Exception:  # noqa: BLE001 - no header read here (an old hub, a failed request): not a verdict
         return None
-    return not_a_lora(what, spec, keys=shapes)
+    return not_a_lora(what, spec, keys=shapes, takes=takes)
 
 
 def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
@@ -228,7 +231,7 @@ def _snapshot(path: Path, file: str) -> Path:
     return path.parents[len(PurePosixPath(file).parts) - 1]
 
 
-def hub_lora(spec: str, what: str) -> HubLora | None:
+def hub_lora(spec: str, what: str, takes: str = "") -> HubLora | None:
     """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id."""
     named = hub_lora_id(spec)
-    return None if named is None else fetch_hub_lora(*named, what, spec)
+    return None if named is None else fetch_hub_lora(*named, what, spec, takes)

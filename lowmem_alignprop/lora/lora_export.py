@@ -112,9 +112,9 @@ def read_hub_lora(spec: str, merge: bool = False) -> Lora | None:
     and read as that file by its path is (read_lora), its lines naming it by the id, not by its path in the cache.
     None where ``spec`` names no hub id."""
     from lowmem_alignprop.lora.hub_lora import hub_lora
-    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import EXPORT_TAKES, read_lora
 
-    found = hub_lora(spec, "--lora")
+    found = hub_lora(spec, "--lora", EXPORT_TAKES)
     if found is None:
         return None
     local = found.path.parent if found.peft else found.path  # (a peft adapter: its folder, as a local one is named)
