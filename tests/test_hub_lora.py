@@ -638,6 +638,10 @@ def test_export_of_a_hub_lora_is_the_export_of_its_file_naming_the_id_and_commit
     assert main(["export", REPO, "--format", "kohya"]) == 0  # (the positional LoRA, no --out)
     assert sorted(p.name for p in (tmp_path / "export" / "style-lora" / "kohya").iterdir()) == [
         "README.md", "base_model.json", "style-lora_alignprop_lora.safetensors"]
+    # --merge: merged_loras.json names the LoRA by its id at the commit read, not its file in the hub cache
+    assert main(["export", "--lora", REPO, "--merge", "--out", str(tmp_path / "merged")]) == 0
+    [merged] = json.loads((tmp_path / "merged" / "merged_loras.json").read_text())
+    assert merged["lora"] == f"{REPO}@{commit}/pytorch_lora_weights.safetensors"
     assert _cache_files(hub_cache) == before
 
 
