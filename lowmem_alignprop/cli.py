@@ -126,6 +126,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_run_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """train's and plan's options of a run's config fields that have no FLAG_FIELDS entry (plan takes a training
     command's as they are): :func:`parse_run_args` passes them on as --set."""
+    p.add_argument("--max-minutes", type=float, metavar="M", help="time limit in minutes from the command's start "
+                   "(a rented GPU's): stop before it with a checkpoint and the LoRA, samples and summary written; "
+                   "--resume latest trains the rest under a new clock (0: no limit)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
@@ -142,7 +145,7 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     """train's and plan's arguments (``p``: :func:`train_parser` or :func:`plan_parser`), the options of
     :func:`add_run_options` passed on as --set."""
     args = p.parse_args(argv)
-    for flag in ("checkpoint_every", "sample_every", "init_lora"):
+    for flag in ("max_minutes", "checkpoint_every", "sample_every", "init_lora"):
         if getattr(args, flag) is not None:
             args.set.append(f"{flag}={getattr(args, flag)}")
     return args
@@ -193,6 +196,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from lowmem_alignprop.run.time_limit import clock
+    began = clock()  # --max-minutes counts from here: the command's whole time is rented time
     args = parse_run_args(train_parser(), argv)
     if args.push_to_hub is not None:
         args.set.append(f"push_to_hub={args.push_to_hub}")
@@ -233,7 +238,7 @@ def cmd_train(argv: list[str]) -> int:
     # the exact command, as typed (accelerate launch's own options are the launcher's): the run folder records it
     return train_main(cfg, name, folder, memory_snapshot=snapshot, set_flags=args.set,
                       lone_resume=args.resume if lone else None,
-                      command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
+                      command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]), began=began)
 
 
 @contextlib.contextmanager

@@ -19,10 +19,11 @@ logger = logging.getLogger("lowmem_alignprop")
 
 
 def train_main(cfg: Config, profile_name: str, folder: RunFolder, *, memory_snapshot: tuple[int, int] | None,
-               set_flags: list[str], lone_resume: str | None, command: str) -> int:
+               set_flags: list[str], lone_resume: str | None, command: str, began: float | None = None) -> int:
     """Train ``cfg`` in ``folder``. ``set_flags``: the command line's --set values (a training setting they name that
     training does not read is said); ``lone_resume``: a ``--resume DIR`` that is in no run's checkpoints/ folder
-    (said, with where the run goes on); ``command``: the command as typed, which the run folder records."""
+    (said, with where the run goes on); ``command``: the command as typed, which the run folder records; ``began``:
+    when the command started (run/time_limit.clock), where --max-minutes counts from."""
     with same_on_every_rank():
         check_device_for_profile(profile_name, cfg)
         for note in unread_in_training(cfg, set_flags) if global_rank() == 0 else ():
@@ -36,7 +37,8 @@ def train_main(cfg: Config, profile_name: str, folder: RunFolder, *, memory_snap
     warn_if_launcher_started_fewer_processes()
     from lowmem_alignprop.training.train import train  # (after the checks: they are said without its imports)
 
-    train(cfg, profile_name=profile_name, memory_snapshot=memory_snapshot, folder=folder, command=command)
+    train(cfg, profile_name=profile_name, memory_snapshot=memory_snapshot, folder=folder, command=command,
+          began=began)
     return 0
 
 

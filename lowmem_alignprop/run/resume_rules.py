@@ -21,7 +21,7 @@ log = logging.getLogger("lowmem_alignprop")
 # Config fields that must match to resume: they change what the saved tensors mean or their shapes.
 STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "lora_layers", "optimizer", "deepspeed_zero")
 # Fields a resumed run may change silently (the rest change with a warning).
-FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
+FREE_FIELDS = ("steps", "max_minutes", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
                "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps", "budget_gb", "eval_every",
                "early_stop", "best_by", "eval_on_start")
 

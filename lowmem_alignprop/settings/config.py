@@ -29,6 +29,10 @@ MAX_SAMPLE_SEED = 2**63 - 1
 
 MODEL_ENV = "LOWMEM_ALIGNPROP_MODEL"  # the model when none is named (default toy)
 
+# max_minutes: what a run's end writes besides its last checkpoint (the LoRA, reports, summary, exports) and its exit,
+# measured nowhere before it happens: a stated margin the time limit keeps (run/time_limit.py)
+TIME_LIMIT_MARGIN_S = 60.0
+
 
 EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # what `export --format` writes (lora/lora_export.py)
 
@@ -107,6 +111,11 @@ class Config:
     output_dir: str = _f("outputs/run", "Where the LoRA, metrics, samples, reports and config.yaml are written.")
     seed: int = _f(0, "Random seed for prompts, noise and LoRA init.")
     steps: int = _f(20, "Number of optimizer steps to train.")
+    max_minutes: float = _f(0.0, "Time limit for the run in minutes, counted from the command's start (loading the "
+                            "model included): before each step the run stops when that step (the slowest one timed "
+                            "so far) and its end's work (checkpoint, LoRA, after samples, exports) would pass it, and "
+                            "ends with its outputs written; --resume latest trains the rest under a new clock "
+                            "(--max-minutes). 0 = no limit.")
 
     # ---- sampler -------------------------------------------------------------------------------
     sample_steps: int = _f(50, "Denoising steps per rollout (T): DDIM steps for UNet models, Euler steps for SD3/FLUX.")
@@ -399,8 +408,9 @@ class Config:
         for f in fields(self):  # nan/inf pass every comparison below: refuse them first
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise UserError(f"{f.name}={v} is not a finite number: give a number such as "
-                                f"--set {f.name}={f.default if f.default is not None else 1.0}")
+                example = ("--max-minutes 120 (0: no limit)" if f.name == "max_minutes" else
+                           f"--set {f.name}={f.default if f.default is not None else 1.0}")
+                raise UserError(f"{f.name}={v} is not a finite number: give a number such as {example}")
         for f in fields(self):  # a path or a name cannot hold NUL (the OS refuses it with a ValueError, not an OSError)
             v = getattr(self, f.name)
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
@@ -416,10 +426,11 @@ class Config:
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
                      "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
                      "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length",
-                     "window_keep", "lr_warmup_steps"):
+                     "window_keep", "lr_warmup_steps", "max_minutes"):
             if getattr(self, name) < 0:
                 fix = ("give your card's memory in GiB (--set budget_gb=7.5), or 0 for no check"
-                       if name == "budget_gb" else f"use --set {name}=0")
+                       if name == "budget_gb" else "give the run's time limit in minutes (--max-minutes 120), or 0 for "
+                       "none" if name == "max_minutes" else f"use --set {name}=0")
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): {fix}")
         for name in pos:
             if getattr(self, name) < 1:
@@ -439,6 +450,7 @@ class Config:
         self._validate_resolution()
         if training:
             self._validate_window()
+        self._validate_time_limit()
         if self.lr <= 0:
             raise UserError(f"lr must be positive (got {self.lr}): e.g. --set lr={Config.lr}")
         if self.lr_warmup_steps >= self.steps > 0:  # (the warmup's last step is at lr (w-1)/w: never lr itself)
@@ -550,6 +562,13 @@ class Config:
         if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
             raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
                             "e.g. --output-dir outputs/run")
+
+    def _validate_time_limit(self) -> None:
+        """max_minutes: a limit within the margin the run keeps for its end leaves no step (0: no limit)."""
+        if 0 < self.max_minutes * 60 <= TIME_LIMIT_MARGIN_S:
+            raise UserError(f"max_minutes={self.max_minutes:g} leaves no time to train: a run keeps "
+                            f"{TIME_LIMIT_MARGIN_S / 60:g} min in hand for its end (the LoRA, summary, exports): give "
+                            "more, e.g. --max-minutes 30, or 0 for no limit")
 
     def _validate_window(self) -> None:
         """The gradient window (training's): K within the sampling steps."""
@@ -1080,7 +1099,7 @@ RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "zero_terminal_snr"
 # what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
 # backward's memory features): `sample` says a --set of one changes nothing there
 TRAINING_ONLY = frozenset((
-    "steps", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "lr_scheduler", "lr_warmup_steps",
+    "steps", "max_minutes", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "lr_scheduler", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "loss_scale",
     "reward_target", "reward_cap", "train_unet", "lora_rank", "lora_layers", "lora_alpha", "init_lora", "kl_coeff",
     "lv_draws", "ema_decay", "ema_outputs", "eval_every", "eval_prompts", "eval_holdout", "early_stop", "eval_on_start",

@@ -159,7 +159,10 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
     lines = [
         "",
         "=" * 64,
-        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps} on {s['device']}"
+        (f" AlignProp stopped at its time limit (--max-minutes {s['time_limit']['max_minutes']:g}) after step "
+         f"{s.get('steps_done')} of {cfg.steps} on {s['device']}{processes_note(s, cfg, s.get('steps_done') or 0)}: "
+         "continue with --resume latest" if (s.get("time_limit") or {}).get("stopped_at") is not None else
+         f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps} on {s['device']}"
          f"{processes_note(s, cfg, s.get('steps_done') or 0)}: continue with --resume latest"
          if s.get("interrupted") else
          f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']}"

@@ -28,7 +28,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
-from lowmem_alignprop.run import disk_space, faults, input_files, schedule
+from lowmem_alignprop.run import disk_space, faults, input_files, schedule, time_limit
 from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
                                              SAMPLES_DIR, step_grid_name)
 from lowmem_alignprop.run.rng_state import get_rng_state
@@ -59,11 +59,13 @@ log = logging.getLogger("lowmem_alignprop")
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
-          folder: RunFolder | None = None, command: str | None = None) -> dict:
+          folder: RunFolder | None = None, command: str | None = None, began: float | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
     ``cfg``: a validated Config (``profiles.resolve_config`` validates; by hand: ``Config(...).validate()``).
     ``folder``: the run folder (the command line's choice, with its --resume); default: ``cfg.output_dir`` as named,
-    a new run. ``command``: the command line that started it, recorded in the run folder (command.txt)."""
+    a new run. ``command``: the command line that started it, recorded in the run folder (command.txt).
+    ``began``: run/time_limit.clock's reading when the command started (max_minutes counts from it; default: now)."""
+    began = time_limit.clock() if began is None else began
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
         from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
@@ -110,7 +112,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if cfg.auto_fit and point is None:  # a new run: the fastest configuration that fits, before the first step
             cfg, searched = search_before_first_step(cfg, profile_name)
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
-                       lock=lock, command=command, eval_prompts=eval_prompts, aside=aside, searched=searched).run()
+                       lock=lock, command=command, eval_prompts=eval_prompts, aside=aside, searched=searched,
+                       began=began).run()
 
 
 def check_judged(eval_prompts: list[str]) -> None:
@@ -176,8 +179,9 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
                  lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None,
-                 aside: list[str] | None = None, searched: dict | None = None):
+                 aside: list[str] | None = None, searched: dict | None = None, began: float | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
+        self.time_limit = time_limit.TimeLimit(cfg.max_minutes, began)  # max_minutes: the clock since the command
         self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
         self.prompt_id = {p: i for i, p in enumerate(prompts)}  # the metrics' per-image prompt_ids
         self.eval_prompts = list(eval_prompts or [])
@@ -325,6 +329,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         # others, already in a step, took it as a stop request and died in its collective with rank 0 gone)
         from lowmem_alignprop.run.distributed import wait_for_every_rank
         wait_for_every_rank(self.accelerator)
+        self.start_the_time_limit()  # (a limit spent by now stops the run before anything is written)
         self.restore()
         self.write_config()
 
@@ -678,21 +683,66 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             self.accelerator.log(tracker_figures(row), step=step)
 
     def save_if_due(self, step: int) -> bool:
-        """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
+        """A checkpoint at the last step, every checkpoint_every steps, on a stop request and when max_minutes leaves
+        no time for the next step (then True: stop)."""
         cfg = self.cfg
         stopping = self.stop.agreed(self.accelerator)
         early = self.stops_early(step)
-        if not (stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step)):
+        path, took = None, 0.0
+        if stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step):
+            t0 = time_limit.clock()
+            path = self.save_checkpoint(step)
+            took = time_limit.clock() - t0
+            # a request that came while it was written (a periodic checkpoint: seconds to minutes): this one is the
+            # stop's
+            stopping = stopping or self.stop.agreed(self.accelerator)
+        out_of_time = self.out_of_time(step, took) and not (stopping or early)  # (every rank asks: one collective)
+        self.time_limit.stopped_at = step if out_of_time else None
+        if path is None and not out_of_time:
             return False
-        path = self.save_checkpoint(step)
-        # a request that came while it was written (a periodic checkpoint: seconds to minutes): this one is the stop's
-        stopping = stopping or self.stop.agreed(self.accelerator)
+        path = path or self.save_checkpoint(step)
         early = early and step < cfg.steps  # (at the last step the run ends anyway)
         if early:  # also with a stop request at this step: the run ended here, said so
             self.say_early_stop(step)
         if stopping:
             self.say_stopped(path, ended=step == cfg.steps or early)
-        return stopping or early
+        if out_of_time and self.is_main:
+            from tqdm.auto import tqdm
+            tqdm.write(self.time_limit.stopped_line(step, cfg.steps, path))
+        return stopping or early or out_of_time
+
+    def start_the_time_limit(self) -> None:
+        """max_minutes, before this start's first step (before its checkpoint is restored and config.yaml written):
+        what the run knows of its steps (a resume's recorded ones) and of its end's writes; a limit that leaves no
+        time for a step and the end stops here, nothing trained or written."""
+        limit = self.time_limit
+        if not limit.on or self.refinish:
+            return
+        recorded = self.point.state.get("history", []) if self.point is not None else []
+        limit.slowest_step_s = max([h["seconds"] for h in recorded if h.get("seconds") is not None], default=None)
+        limit.end_bytes = disk_space.run_bytes(self.cfg, self.params, self.start).least
+        stop = limit.stops_now()
+        if self.accelerator.num_processes > 1:
+            from lowmem_alignprop.run.distributed import rank_0_says
+            stop = rank_0_says(self.accelerator, stop)
+        if stop:
+            raise UserError(limit.no_room_message())
+        limit.begin_lap()
+
+    def out_of_time(self, step: int, checkpoint_s: float) -> bool:
+        """After ``step`` (``checkpoint_s``: its checkpoint's seconds, counted in the end's work, not the step's):
+        whether max_minutes leaves no time for the next step and the end's work; rank 0 decides for every rank."""
+        limit = self.time_limit
+        if not limit.on or step >= self.cfg.steps:
+            return False
+        if checkpoint_s:
+            limit.checkpoint_took(checkpoint_s)
+        limit.step_done(less_s=checkpoint_s)
+        stop = limit.stops_now()
+        if self.accelerator.num_processes > 1:  # (each rank's clock: rank 0's is the run's)
+            from lowmem_alignprop.run.distributed import rank_0_says
+            stop = rank_0_says(self.accelerator, stop)
+        return stop
 
     def stops_early(self, step: int) -> bool:
         """Whether the held-out evaluation of ``step`` stopped the run (early_stop's patience spent)."""

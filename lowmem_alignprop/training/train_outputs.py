@@ -60,10 +60,10 @@ class RunOutputs:
     ``start``, ``step``, ``refinish``, ``history``, ``skipped_peaks``, ``streak``, ``fits``, ``resumed_with``,
     ``software``, ``start_dirs``, ``reward_since``, ``prompts_since``, ``held_out``, ``stop``, ``before``,
     ``grid_of``, ``last_update``, ``sample_prompts``, ``judge_prompts``, ``fidelity_before``, ``unet_train``,
-    ``family``, ``comps``, ``fingerprint``, ``gather``, ``prof``, ``attention``, ``allocator``, ``host_allocator``
-    and its methods ``output_weights``, ``render_or_skip``, ``render_samples``, ``judge``, ``checkpoint_dir``,
-    ``config_yaml``, ``t5_tokens``; sets ``samples_skipped``, ``fidelity_after`` and ``stop``'s ``raise_now`` and
-    ``finishing``."""
+    ``family``, ``comps``, ``fingerprint``, ``gather``, ``prof``, ``attention``, ``allocator``, ``host_allocator``,
+    ``time_limit`` and its methods ``output_weights``, ``render_or_skip``, ``render_samples``, ``judge``,
+    ``checkpoint_dir``, ``config_yaml``, ``t5_tokens``; sets ``samples_skipped``, ``fidelity_after`` and ``stop``'s
+    ``raise_now`` and ``finishing``."""
 
     def finish(self) -> dict:
         """The LoRA (or full UNet), the after samples, config.yaml after an auto-fit, the reports and summary."""
@@ -263,4 +263,6 @@ class RunOutputs:
 
     def write_summary(self, summary: dict) -> None:
         """summary.json: at the end of write_outputs, and again with what the exports at the end did."""
+        if self.time_limit.on:  # max_minutes: the minutes used up to this write, the step it stopped after
+            summary["time_limit"] = self.time_limit.record()
         atomic.write_text(self.out / SUMMARY_FILE, json.dumps(faults.json_ready(summary), indent=2))

@@ -35,9 +35,9 @@ class RunSamples:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
-    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``input_files``, ``time_left`` and ``before``,
-    and its methods ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped``,
-    ``grid_of`` and ``time_left.closing``."""
+    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``input_files``, ``time_left``, ``time_limit``
+    and ``before``, and its methods ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``,
+    ``samples_skipped``, ``grid_of``, ``time_left.closing`` and ``time_limit.renders_s``."""
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
@@ -97,6 +97,8 @@ class RunSamples:
         after_grid = not (self.cfg.sample_every and self.cfg.steps % self.cfg.sample_every == 0)  # (else the last
         # step's grid is the after one, in that step's time)
         self.time_left.closing = seconds.get("samples", 0.0) * after_grid + seconds.get("judged", 0.0)
+        # max_minutes: a stop at the limit renders both after its step (no step grid at every step)
+        self.time_limit.renders_s = seconds.get("samples", 0.0) + seconds.get("judged", 0.0)
         rendered = ("samples" not in kept and self.before is not None) or \
             ("judged" not in kept and self.fidelity_before is not None)
         if self.is_main and rendered:  # (a resume's start renders them again only where they changed)

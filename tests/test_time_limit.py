@@ -1,0 +1,135 @@
+"""--max-minutes (max_minutes): the rule that stops a run before its time limit, and a run on an injected clock that
+stops after the right step with its outputs written, then resumes under a new clock. No sleeping: the clock moves
+by what each patched step says it took."""
+
+import json
+import logging
+
+import pytest
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.run import time_limit
+from lowmem_alignprop.run.time_limit import END_MARGIN_S, TimeLimit, stops_before_next_step
+from lowmem_alignprop.training.train import Trainer
+from outputs_doc import DOC, documented_keys, undocumented
+from refusals import assert_refused, strict_rows
+
+FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1",
+        "--set", "fidelity_images=0"]
+STEP_S = 600.0  # each step takes 10 minutes on the injected clock
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+class Clock:
+    """The deadline's clock, moved by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(time_limit, "clock", c)
+    return c
+
+
+def test_the_rule_stops_when_the_next_step_and_the_end_would_pass_the_limit():
+    """used + the slowest step + the end's work (renders, writes, margin) against the limit, in seconds."""
+    rule = stops_before_next_step
+    # an hour's limit, 10-minute steps, 2 min of after renders, 30 s of writes, 60 s margin: 13.5 min in hand
+    assert not rule(used_s=2790, limit_s=3600, slowest_step_s=600, renders_s=120, writes_s=30, margin_s=60)  # =3600
+    assert rule(used_s=2791, limit_s=3600, slowest_step_s=600, renders_s=120, writes_s=30, margin_s=60)
+    # the slowest step is the one counted: 20 minutes (a first step's warm-up) stops at 2300 s, where 10 would not
+    assert rule(used_s=2300, limit_s=3600, slowest_step_s=1200, renders_s=120, writes_s=30, margin_s=60)
+    assert not rule(used_s=2300, limit_s=3600, slowest_step_s=600, renders_s=120, writes_s=30, margin_s=60)
+    # no step known yet (a new run's first): only the end's work is counted
+    assert not rule(used_s=3300, limit_s=3600, slowest_step_s=None, renders_s=120, writes_s=30, margin_s=60)
+    assert rule(used_s=3400, limit_s=3600, slowest_step_s=None, renders_s=120, writes_s=30, margin_s=60)
+    assert not rule(used_s=10 ** 9, limit_s=0, slowest_step_s=600, renders_s=0, writes_s=0)  # 0: no limit
+    assert END_MARGIN_S == 60.0
+
+
+def test_the_time_limit_times_the_slowest_step_without_its_checkpoint_and_the_writes(clock):
+    limit = TimeLimit(30, started=clock.now, end_bytes=500 * 10 ** 6)
+    assert limit.limit_s == 1800 and limit.writes_s() == 5.0  # 500 MB at the assumed 100 MB/s, none timed yet
+    limit.begin_lap()
+    clock.now += 300
+    limit.step_done()
+    clock.now += 500  # a step of 200 s, then its checkpoint of 300 s
+    limit.checkpoint_took(300)
+    limit.step_done(less_s=300)
+    assert limit.slowest_step_s == 300 and limit.writes_s() == 600  # the last checkpoint and the LoRA: 2 x 300 s
+    limit.renders_s = 30
+    assert limit.end_s() == 30 + 600 + 60
+    # 800 s used + 300 + 690 = 1790 <= 1800; 11 s later it is over
+    assert not limit.stops_now()
+    clock.now += 11
+    assert limit.stops_now()
+    assert limit.record() == {"max_minutes": 30.0, "minutes_used": round(811 / 60, 3), "stopped_at": None}
+
+
+def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_rest(tmp_path, clock, monkeypatch,
+                                                                                    capsys, caplog):
+    """Steps of 10 minutes, a 30-minute limit, 1 minute kept for the end: after step 1 (10 + 10 + 1 <= 30) it goes
+    on, after step 2 (20 + 10 + 1 > 30) it stops with a checkpoint, lora/, the after samples and summary.json, and
+    says so. The resume with --max-minutes 40 counts from its own start (the 20 minutes before are not its): it
+    trains steps 3 to 5 (after step 4: 20 + 10 + 1 <= 40), with no warning about the changed limit."""
+    original = Trainer.train_step
+
+    def ten_minutes(self, step):
+        done = original(self, step)
+        clock.now += STEP_S
+        return done
+
+    monkeypatch.setattr(Trainer, "train_step", ten_minutes)
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--steps", "5", "--set", "sample_prompts=1"]
+    assert main([*args, "--max-minutes", "30"]) == 0
+    said = capsys.readouterr()
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "samples" / "before_after.png").is_file()  # the after samples, as at a finished run's end
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps_done"], summary["interrupted"], summary["early_stopped_at"]) == (2, True, None)
+    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.0, "stopped_at": 2}
+    assert "samples_skipped" not in summary
+    assert not undocumented(summary, documented_keys(DOC.read_text(encoding="utf-8"))["summary.json"])
+    line = next(x for x in said.out.splitlines() + said.err.splitlines() if x.startswith("time limit:"))
+    assert line == (f"time limit: stopped after step 2 of 5, 20.0 min of --max-minutes 30 used (the next step, up to "
+                    f"10.0 min, and the end's work, about 1.0 min, would pass it); saved checkpoint "
+                    f"{out / 'checkpoints' / 'step-00000002'}, writing the LoRA, samples and summary. --resume latest "
+                    "trains steps 3-5 under a new 30-minute clock (the run's limit; --max-minutes N gives another, "
+                    "0 none)")
+    assert " AlignProp stopped at its time limit (--max-minutes 30) after step 2 of 5 on cpu: continue with --resume " \
+           "latest" in said.out
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*args, "--resume", "latest", "--max-minutes", "40"]) == 0
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4, 5]
+    assert not [r.getMessage() for r in caplog.records if "max_minutes" in r.getMessage()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps_done"], summary["interrupted"]) == (5, False)
+    assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 30.0, "stopped_at": None}
+
+
+def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):
+    """Loading took 95 of --max-minutes 90 (the clock starts with the command): one line, no run folder."""
+    original = Trainer.load_models
+
+    def slow_load(self):
+        original(self)
+        clock.now += 95 * 60
+
+    monkeypatch.setattr(Trainer, "load_models", slow_load)
+    out = tmp_path / "run"
+    assert_refused(main, [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--max-minutes", "90"],
+                   "--max-minutes 90 leaves no time to train: 95.0 min went to loading and the renders before the "
+                   "first step, and the end's work takes about 1.0 min: give a larger --max-minutes, or 0 for no "
+                   "limit", out, capsys)
