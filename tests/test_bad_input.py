@@ -178,6 +178,13 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
                                                        "before its learning rate reaches lr=0.003: lower "
                                                        "lr_warmup_steps (e.g. --set lr_warmup_steps=2)"),
     (["--set", "lr_scheduler=cosin"], "lr_scheduler='cosin' is not one of constant, linear, cosine"),
+    # --max-minutes: a time limit for a rented machine (negative, not a number, or within the end's minute)
+    (["--max-minutes", "-5"], "max_minutes must be 0 or more (got -5.0): give the run's time limit in minutes "
+                              "(--max-minutes 120), or 0 for none"),
+    (["--max-minutes", "nan"], "max_minutes=nan is not a finite number: give a number such as --max-minutes 120 "
+                               "(0: no limit)"),
+    (["--max-minutes", "0.5"], "max_minutes=0.5 leaves no time to train: a run keeps 1 min in hand for its end (the "
+                               "LoRA, summary, exports): give more, e.g. --max-minutes 30, or 0 for no limit"),
     # a VAE path that is not there: plan read it as a hub id and planned the model's own VAE (FITS), train refused
     (["--set", "vae=/nonexistent/vae"], "vae=/nonexistent/vae does not exist: pass a diffusers VAE folder, a "
                                         ".safetensors file or a hub id"),
