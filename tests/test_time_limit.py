@@ -4,6 +4,7 @@ by what each patched step says it took."""
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,8 +78,8 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
                                                                                     capsys, caplog):
     """Steps of 10 minutes, a 30-minute limit, 1 minute kept for the end: after step 1 (10 + 10 + 1 <= 30) it goes
     on, after step 2 (20 + 10 + 1 > 30) it stops with a checkpoint, lora/, the after samples and summary.json, and
-    says so. The resume with --max-minutes 40 counts from its own start (the 20 minutes before are not its): it
-    trains steps 3 to 5 (after step 4: 20 + 10 + 1 <= 40), with no warning about the changed limit."""
+    says so. A resume counts from its own start (the 20 minutes before are not its) under the run's limit: steps 3
+    and 4; one with --max-minutes 40 takes that one, with no warning about the changed limit, and trains step 5."""
     original = Trainer.train_step
 
     def ten_minutes(self, step):
@@ -109,6 +110,10 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert " AlignProp stopped at its time limit (--max-minutes 30) after step 2 of 5 on cpu: continue with --resume " \
            "latest" in said.out
 
+    assert main([*args, "--resume", "latest"]) == 0  # the run's 30 minutes again, from this start
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.0, "stopped_at": 4}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*args, "--resume", "latest", "--max-minutes", "40"]) == 0
@@ -116,7 +121,7 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert not [r.getMessage() for r in caplog.records if "max_minutes" in r.getMessage()]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps_done"], summary["interrupted"]) == (5, False)
-    assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 30.0, "stopped_at": None}
+    assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 10.0, "stopped_at": None}
 
 
 def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):
@@ -133,3 +138,21 @@ def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_
                    "--max-minutes 90 leaves no time to train: 95.0 min went to loading and the renders before the "
                    "first step, and the end's work takes about 1.0 min: give a larger --max-minutes, or 0 for no "
                    "limit", out, capsys)
+
+
+def test_under_a_launcher_every_rank_takes_rank_0s_decision(clock, monkeypatch):
+    """Each rank has its own clock: rank 0's decision is every rank's (one collective a step), so they stop at the
+    same step; with one process no collective is made."""
+    from lowmem_alignprop.run import distributed
+
+    asked = []
+    monkeypatch.setattr(distributed, "rank_0_says", lambda accelerator, flag: asked.append(flag) or True)
+    me = SimpleNamespace(time_limit=TimeLimit(30, started=clock.now), cfg=SimpleNamespace(steps=5),
+                         accelerator=SimpleNamespace(num_processes=2))
+    me.time_limit.begin_lap()
+    clock.now += 60
+    assert Trainer.out_of_time(me, 1, 0.0) is True  # this rank: 1 + 1 + 1 of 30 minutes, go on; rank 0: stop
+    assert asked == [False]
+    me.accelerator.num_processes = 1
+    assert Trainer.out_of_time(me, 2, 0.0) is False and asked == [False]
+    assert Trainer.out_of_time(me, 5, 0.0) is False  # the last step: the run ends anyway, nothing asked
