@@ -156,3 +156,9 @@ def test_under_a_launcher_every_rank_takes_rank_0s_decision(clock, monkeypatch):
     me.accelerator.num_processes = 1
     assert Trainer.out_of_time(me, 2, 0.0) is False and asked == [False]
     assert Trainer.out_of_time(me, 5, 0.0) is False  # the last step: the run ends anyway, nothing asked
+
+
+@pytest.mark.parametrize("seconds, said", [(0.14, "0.1 s"), (11.4, "11 s"), (59.9, "60 s"), (60, "1.0 min"),
+                                           (5700, "95.0 min")])
+def test_the_times_said_are_minutes_or_seconds(seconds, said):
+    assert time_limit.minutes(seconds) == said

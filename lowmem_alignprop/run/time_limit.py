@@ -42,8 +42,8 @@ def stops_before_next_step(used_s: float, limit_s: float, slowest_step_s: float 
 
 
 def minutes(seconds: float) -> str:
-    """'12.5 min', or under a minute '40 s'."""
-    return f"{seconds / 60.0:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    """'12.5 min'; under a minute '40 s', under 10 s '0.3 s'."""
+    return f"{seconds / 60.0:.1f} min" if seconds >= 60 else f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 class TimeLimit:
