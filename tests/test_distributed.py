@@ -26,6 +26,7 @@ from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.run.distributed import build_folder, check_no_stale_build_lock, deepspeed_config
+from lowmem_alignprop.run.time_limit import TimeLimit
 from refusals import strict_rows
 
 FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
@@ -498,6 +499,8 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
                                     save_checkpoint=lambda step: tmp_path / f"step-{step}",
                                     held_out=HeldOut(cfg, ["a"], tmp_path, sample=None, write_lora=None))
     trainer.stops_early = lambda step: Trainer.stops_early(trainer, step)
+    trainer.time_limit = TimeLimit(0)  # (no --max-minutes: its check asks no rank)
+    trainer.out_of_time = lambda step, took: Trainer.out_of_time(trainer, step, took)
     trainer.say_early_stop = lambda step: None  # (rank 0 says it)
     assert Trainer.save_if_due(trainer, 3) is False and asked == []  # no evaluation at step 3
     assert Trainer.save_if_due(trainer, 4) is True and asked == [False]  # this rank's own count: not yet

@@ -800,6 +800,7 @@ def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tm
     whole, and that checkpoint is the stop's."""
     import types
 
+    from lowmem_alignprop.run.time_limit import TimeLimit
     from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.settings.config import Config
 
@@ -808,7 +809,8 @@ def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tm
     trainer = types.SimpleNamespace(cfg=Config(steps=10, checkpoint_every=3), accelerator=None, is_main=True,
                                     stop=types.SimpleNamespace(agreed=lambda acc: next(asked), name="SIGINT"),
                                     save_checkpoint=lambda step: saved.append(step) or tmp_path / f"step-{step}",
-                                    stops_early=lambda step: False)
+                                    stops_early=lambda step: False, time_limit=TimeLimit(0))
+    trainer.out_of_time = lambda step, took: Trainer.out_of_time(trainer, step, took)  # (no --max-minutes)
     trainer.say_stopped = lambda path, ended: Trainer.say_stopped(trainer, path, ended)
     assert Trainer.save_if_due(trainer, 3) is True and saved == [3]
     assert f"SIGINT received: saved checkpoint {tmp_path / 'step-3'}; continue with --resume latest" in \
