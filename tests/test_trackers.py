@@ -260,3 +260,39 @@ def test_a_new_run_after_a_start_that_trained_no_step_shows_its_own_settings_in_
         acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).hparams
     assert session["lr"].number_value == yaml.safe_load((run / "hparams.yml").read_text())["lr"] == 0.001
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
+
+
+def test_the_hparams_tab_compares_a_square_run_and_a_w_x_h_run_by_width_and_height_numbers(tmp_path, tiny_dir):
+    """The settings went to the HPARAMS tab as config.yaml holds them: resolution 32 (a number) for a square run and
+    "64x32" (text) for a WxH one. TensorBoard gives a column of mixed types the type string (its backend's
+    _compute_hparam_infos, run here on the two runs' event files): the tab's resolution column was text, "32.0" and
+    "64x32", unsortable by size. The tab now has width and height, numbers for both runs, and no resolution."""
+    pytest.importorskip("tensorboard")
+    import yaml
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import api_pb2, backend_context, metadata
+
+    logdir = tmp_path / "runs"
+    for name, size in (("square", "32"), ("wide", "64x32")):
+        assert main(["--profile", "cpu", "--output-dir", str(logdir / name), "--steps", "1", "--report-to",
+                     "tensorboard", "--set", f"resolution={size}", "--set", "sample_prompts=1", "--set",
+                     "sample_steps=2", "--set", "k=1", "--set", "batch_size=1"]) == 0
+    runs = {str(f.parent): {v.tag: v.metadata.plugin_data.content for e in EventFileLoader(str(f)).Load()
+                            for v in e.summary.value if v.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME}
+            for f in sorted(logdir.glob("*/logs/lowmem_alignprop/events.out.tfevents.*"))}
+    assert len(runs) == 2
+    columns = {i.name: i for i in backend_context.Context._compute_hparam_infos(object.__new__(
+        backend_context.Context), runs)}
+    assert "resolution" not in columns
+    assert [(columns[n].type, columns[n].domain_interval.min_value, columns[n].domain_interval.max_value)
+            for n in ("width", "height")] == [(api_pb2.DATA_TYPE_FLOAT64, 32, 64), (api_pb2.DATA_TYPE_FLOAT64, 32, 32)]
+    assert columns["width"].differs and not columns["height"].differs
+    # (every column one type across the two runs: no number beside text, no text column made of numbers)
+    mixed = [n for n, i in columns.items() if i.type == api_pb2.DATA_TYPE_STRING and any(
+        v.replace(".", "", 1).isdigit() for v in i.domain_discrete)]
+    assert mixed == []
+    for name, sides in (("square", (32, 32)), ("wide", (64, 32))):
+        recorded = yaml.safe_load((logdir / name / "logs" / "lowmem_alignprop" / "hparams.yml").read_text())
+        assert (recorded["width"], recorded["height"]) == sides and "resolution" not in recorded
+        assert yaml.safe_load((logdir / name / "config.yaml").read_text())["resolution"] == (
+            32 if name == "square" else "64x32")  # (config.yaml keeps the size as given)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowmem_alignprop.settings.image_size import image_sides
+
 # metrics.jsonl's keys to tracker groups (TensorBoard and wandb group a tag's charts by the part before its first /):
 # a tag is GROUP/KEY with KEY the metrics.jsonl key as written; the first prefix that matches decides, else train/
 TAG_GROUPS = (("eval_", "eval"), ("sample_", "samples"), ("fidelity_", "fidelity"), ("jpeg_bytes", "fidelity"),
@@ -54,16 +56,31 @@ def clear_earlier_start(logs: Path) -> list[str]:
     return sorted(p.name for p in earlier)
 
 
+def hparam_columns(values: dict) -> dict:
+    """The settings ``values`` as the HPARAMS tab's columns: ``resolution`` (N, a number, for a square run; "WxH",
+    text, for another) as ``width`` and ``height``, numbers for every run. TensorBoard makes a column whose runs give
+    a number and a text a text column ("512.0" beside "1216x832": unsortable by size, no range filter)."""
+    if "resolution" not in values:
+        return dict(values)
+    width, height = image_sides(values["resolution"])
+    columns = {}
+    for key, value in values.items():
+        columns.update({"width": width, "height": height} if key == "resolution" else {key: value})
+    return columns
+
+
 def record_hparams(accelerator, values: dict, logs: Path) -> None:
     """The run's settings ``values`` (plain values) to TensorBoard's HPARAMS tab, on the main process: a session in
     the run whose scalars are the curves, with no experiment summary, so TensorBoard makes each scalar tag a metric
     column (accelerate's add_hparams put them in a run of their own under an experiment of no metrics: the tab
-    compared runs by settings with no figure beside them), and ``hparams.yml`` beside the event files."""
+    compared runs by settings with no figure beside them), and ``hparams.yml`` beside the event files; the image size
+    as ``width`` and ``height`` (:func:`hparam_columns`)."""
     import yaml
     from torch.utils.tensorboard.summary import hparams
 
     from lowmem_alignprop.run import atomic
 
+    values = hparam_columns(values)
     _, session_start, _ = hparams(values, {})  # (the experiment and the session's end left out: see above)
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     writer.file_writer.add_summary(session_start)
