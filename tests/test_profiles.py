@@ -252,6 +252,38 @@ def test_bad_user_profile_is_one_line_naming_the_fix(tmp_path, capsys, text, nee
     assert not out.exists()
 
 
+_NOT_A_SIZE = "is not an image size: give its side in pixels (--set resolution=1024) or its width x height (--set " \
+    "resolution=1216x832)"
+
+
+@pytest.mark.parametrize("written, line", [
+    ("0x512", "resolution=0x512 is too small: each side 8 px or more, e.g. --set resolution=1216x832"),
+    ("0X512", "resolution=0x512 is too small: each side 8 px or more, e.g. --set resolution=1216x832"),
+    ("1_024", f"resolution='1_024' {_NOT_A_SIZE}"), ("0b1000000000", f"resolution='0b1000000000' {_NOT_A_SIZE}"),
+    ("8:32", f"resolution='8:32' {_NOT_A_SIZE}"),
+    ("0777", "resolution=777 must be a multiple of 8: use --set resolution=776")])
+def test_bad_input_a_profiles_resolution_that_yaml_reads_as_another_number_is_the_set_values_line(
+        written, line, tmp_path, capsys, monkeypatch):
+    """YAML 1.1 reads `resolution: 0x512` as hex 1298 (and 0777 as octal 511, 1_024 as 1024, 8:32 as base-60 512):
+    the profile got "resolution=1298 must be a multiple of 8: use --set resolution=1296", of a size the user never
+    wrote. A profile's resolution is read as written: the line --set resolution=... gives, under the profile's name."""
+    _forbid_model_loading(monkeypatch)
+    path, out = _write(tmp_path, f"resolution: {written}\n"), tmp_path / "run"
+    assert main(["--profile", str(path), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: profile {path}: {line}\n"
+    assert main(["--profile", "cpu", "--set", f"resolution={written}", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n" and not out.exists()
+
+
+def test_a_profiles_resolution_written_as_a_plain_number_or_size_reads_as_before(tmp_path):
+    """Only the forms YAML turns into another number are read as text: 512, +512, 1216x832, a quoted "0x512" or
+    '1024' keep their meaning; other fields' numbers are YAML's (seed: 0x10 is 16)."""
+    for written, kept in (("512", 512), ("+512", 512), ("1216x832", "1216x832"), ('"0x512"', "0x512"),
+                          ("'1024'", 1024)):
+        assert load_profile(str(_write(tmp_path, f"resolution: {written}\n")))[1]["resolution"] == kept, written
+    assert load_profile(str(_write(tmp_path, "seed: 0x10\nresolution: 64\n")))[1] == {"seed": 16, "resolution": 64}
+
+
 def test_a_user_profile_reads_as_the_same_fields_given_with_set(tmp_path, caplog):
     """A profile file and --set take the same values the same way: 1 and 0 for a yes/no field (YAML reads them as
     numbers; they were refused in a file and taken by --set), and a file's own fewer sampling steps end the K range it

@@ -143,19 +143,28 @@ class _DuplicateKey(Exception):
     pass
 
 
+_YAML_INT, _YAML_STR = "tag:yaml.org,2002:int", "tag:yaml.org,2002:str"
+_DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # a whole number as --set reads it (YAML 1.1 reads others otherwise)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load keeps the last of two equal keys without a word: a profile that says batch_size twice is a
-    mistake to point out, not to resolve silently."""
+    mistake to point out, not to resolve silently. A ``resolution`` that YAML 1.1 reads as a number other than its
+    decimal digits (0x512: hex 1298; 0777: octal 511; 1_024; 8:32, base 60) is kept as written, for the line
+    ``--set resolution=...`` gives (0x512: a side of 0 px), not one about a size never written."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # <<: *base brings keys that the mapping's own keys may override, as YAML says
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
+            if key == "resolution" and isinstance(value_node, yaml.ScalarNode) and value_node.tag == _YAML_INT \
+                    and not _DECIMAL.fullmatch(value_node.value):
+                value_node.tag = _YAML_STR
         return super().construct_mapping(node, deep=deep)
 
 
