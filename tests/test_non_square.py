@@ -143,12 +143,62 @@ def test_clip_preprocessing_of_a_wide_image_drops_its_sides():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+def sdxl_pipe():
+    from midsize import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory, _isolated_cache):
     from midsize import build_tiny_sdxl_pipeline
 
     path = tmp_path_factory.mktemp("sdxl")
     build_tiny_sdxl_pipeline().save_pretrained(path)
     return path
+
+
+_FAR = "such a side makes its images, and so the reward's signal, poor, whatever the pixel count"
+
+
+@pytest.mark.parametrize("size, line", [
+    ("256x16", "the model was made for 64 px images and this run uses 256x16 px, a side under half its size (32 px) "
+               f"and a side over twice it (128 px): {_FAR}; --set resolution=128x32 "
+               "keeps each side 32 to 128 px (check the fit with `lowmem-alignprop plan`)"),
+    ("16x128", "the model was made for 64 px images and this run uses 16x128 px, a side under half its size (32 px): "
+               f"{_FAR}; --set resolution=32x128 keeps each side 32 to 128 px "
+               "(check the fit with `lowmem-alignprop plan`)"),
+    ("160x48", "the model was made for 64 px images and this run uses 160x48 px, a side over twice its size (128 px): "
+               f"{_FAR}; --set resolution=128x48 keeps each side 32 to 128 px "
+               "(check the fit with `lowmem-alignprop plan`)"),
+    ("16", "the model was made for 64 px images and this run uses 16 px: that far from its size its images, and so the "
+           "reward's signal, are poor; --set resolution=64 (check the fit with `lowmem-alignprop plan`)"),
+    ("128x32", None), ("32x128", None), (f"{W}x{H}", None), ("64", None)])
+def test_an_extreme_aspect_is_warned_whatever_its_pixel_count(size, line, sdxl_pipe):
+    """The off-size warning compared pixel counts alone: SDXL (1024 px) at 2048x256 has half its pixels and got no
+    word. A side under half the model's size or over twice it is warned too (the tiny SDXL: 64 px, sides 32 to 128);
+    the suggested size keeps the run's other side, each side moved into the range (its pixel count then within the
+    pixel rule's). Said by train and plan (family.resolution_note)."""
+    from lowmem_alignprop.models.family import family_for
+
+    cfg = Config(resolution=size)
+    assert family_for(sdxl_pipe).resolution_note(cfg) == line
+
+
+def test_sdxls_own_buckets_are_not_warned_and_2048x256_is():
+    """At SDXL's numbers (sample_size 128 cells of 8 px: 1024 px) its training buckets 1536x640 and 1728x576 say
+    nothing; 2048x256 (half its pixels) is told its 256 px side, and 2048x512."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.models.sampling import resolution_note
+
+    vae = SimpleNamespace(config={"block_out_channels": [1, 2, 3, 4]})  # 3 downsamplings: 8 px a cell
+    sdxl = SimpleNamespace(config=SimpleNamespace(sample_size=128))
+    assert [resolution_note(sdxl, vae, (h, w)) for w, h in ((1536, 640), (576, 1728), (2048, 512))] == [None] * 3
+    assert resolution_note(sdxl, vae, (256, 2048)).startswith(
+        "the model was made for 1024 px images and this run uses 2048x256 px, a side under half its size (512 px): "
+        "such a side")
+    assert "--set resolution=2048x512 keeps each side 512 to 2048 px" in resolution_note(sdxl, vae, (256, 2048))
 
 
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])

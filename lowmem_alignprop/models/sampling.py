@@ -465,16 +465,27 @@ def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def resolution_note(unet, vae, size: int | tuple[int, int], default_size: int | None = None) -> str | None:
     """A warning when the images (``size``: a side, or (height, width)) have a quarter of the model's native pixel
-    count or fewer, or four times it or more: half or twice its side for a square (the denoiser's sample_size in
-    latent cells; ``default_size`` for a model whose config has none)."""
+    count or fewer, or four times it or more (half or twice its side for a square), or else a side under half its
+    native side or over twice it (SDXL at 2048x256: half its pixels, but a side no image it learnt from had); native:
+    the denoiser's sample_size in latent cells, ``default_size`` for a model whose config has none."""
     height, width = height_width(size)
     sample = getattr(unet.config, "sample_size", None) or default_size
     native = (sample if isinstance(sample, int) else max(sample)) * vae_scale_factor(vae)
-    if (native // 2) ** 2 < height * width < (native * 2) ** 2:
+    made = f"the model was made for {native} px images and this run uses {resolution_of(width, height)} px"
+    check = "(check the fit with `lowmem-alignprop plan`)"
+    if not (native // 2) ** 2 < height * width < (native * 2) ** 2:
+        return (f"{made}: that far from its size its images, and so the reward's signal, are poor; --set "
+                f"resolution={native} {check}")
+    low, high = native // 2, native * 2
+    sides = [f"a side under half its size ({low} px)" if min(width, height) < low else "",
+             f"a side over twice {'it' if min(width, height) < low else 'its size'} ({high} px)"
+             if max(width, height) > high else ""]
+    if not any(sides):
         return None
-    return (f"the model was made for {native} px images and this run uses {resolution_of(width, height)} px: that "
-            f"far from its size its images, and so the reward's signal, are poor; --set resolution={native} (check "
-            "the fit with `lowmem-alignprop plan`)")
+    inside = resolution_of(*(min(max(side, low), high) for side in (width, height)))  # (its pixels then in range)
+    return (f"{made}, {' and '.join(s for s in sides if s)}: such a side makes its images, and so the reward's "
+            f"signal, poor, whatever the pixel count; --set resolution={inside} keeps each side {low} to {high} px "
+            f"{check}")
 
 
 def initial_latents(batch: int, unet, vae, size: int | tuple[int, int], generator: torch.Generator,
