@@ -832,6 +832,28 @@ def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path
     assert (out / "step-000002.png").is_file()
 
 
+def test_the_card_of_a_run_its_time_limit_stopped_says_so(sd, tmp_path):
+    """A run that --max-minutes 45 stopped after 2 of its 10 steps: the card says that, with the limit and the steps
+    (not the generic 'interrupted' note, which reads as a crash or a Ctrl-C), like the early stop's row; a resume that
+    then trained to the end (stopped_at null) has neither."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "steps": 10, "max_minutes": 45.0}))
+    summary = json.loads((run / "summary.json").read_text())
+    limit = {"max_minutes": 45.0, "minutes_used": 44.1, "stopped_at": 2}
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": 10, "steps_done": 2, "interrupted": True,
+                                                  "time_limit": limit}))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert ("| time limit | stopped at its time limit (--max-minutes 45) after step 2 of 10: `--resume latest` trains "
+            "steps 3-10 |") in text
+    assert "| note |" not in text and "| steps | 2 |" in text
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": 10, "steps_done": 10, "interrupted": False,
+                                                  "time_limit": {**limit, "stopped_at": None}}))
+    text = (export(tmp_path / "on", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert "| time limit |" not in text and "| note |" not in text
+
+
 def test_the_card_of_a_run_that_stopped_on_an_error_counts_its_checkpoints_steps(sd, tmp_path):
     """A run stopped by an error (or killed) writes no summary.json: the card said the 10 steps config.yaml planned
     for a LoRA of the newest checkpoint's step, with no note; now that step, and a note."""

@@ -4,6 +4,7 @@ by what each patched step says it took."""
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -89,7 +90,8 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
 
     monkeypatch.setattr(Trainer, "train_step", ten_minutes)
     out = tmp_path / "run"
-    args = [*FAST, "--output-dir", str(out), "--steps", "5", "--set", "sample_prompts=1"]
+    args = [*FAST, "--output-dir", str(out), "--steps", "5", "--set", "sample_prompts=1", "--set",
+            "export_format=kohya"]
     assert main([*args, "--max-minutes", "30"]) == 0
     said = capsys.readouterr()
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
@@ -109,6 +111,9 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
                     "0 none)")
     assert " AlignProp stopped at its time limit (--max-minutes 30) after step 2 of 5 on cpu: continue with --resume " \
            "latest" in said.out
+    card = (out / "export" / "kohya" / "README.md").read_text()  # the export at the end: its card says why it ended
+    assert ("| time limit | stopped at its time limit (--max-minutes 30) after step 2 of 5: `--resume latest` trains "
+            "steps 3-5 |") in card and "| note |" not in card
 
     assert main([*args, "--resume", "latest"]) == 0  # the run's 30 minutes again, from this start
     assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4]
@@ -122,6 +127,8 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps_done"], summary["interrupted"]) == (5, False)
     assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 10.0, "stopped_at": None}
+    card = (Path(summary["exports"]["kohya"]) / "README.md").read_text()  # (beside the earlier LoRAs' exports)
+    assert "| time limit |" not in card and "| steps | 5 |" in card  # trained to its end
 
 
 def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):

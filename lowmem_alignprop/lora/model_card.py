@@ -51,6 +51,11 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "auto_fit", "resume_changes", "t5_tokens", "best_evaluation", "software"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
+    limit = s.get("time_limit")  # --max-minutes stopped it: the limit, the step, of how many
+    if isinstance(limit, dict) and isinstance(limit.get("stopped_at"), int) and isinstance(s.get("steps"), int) \
+            and isinstance(limit.get("max_minutes"), int | float):
+        info["time_limit"] = {"max_minutes": limit.get("max_minutes"), "stopped_at": limit["stopped_at"],
+                              "of": s["steps"]}
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
         info["init_lora_sha"] = file_sha256(copy)  # the LoRA it started from, as the run read it
         if (source := recorded_init_source(copy.parent)) is not None:  # the user's own file (a run before it: none)
@@ -458,7 +463,11 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
             f"from step {r.get('step')}: " + ", ".join(resume_change(n, v, said)
                                                         for n, v in (r.get("changes") or {}).items())
             for r in info["resume_changes"] if isinstance(r, dict))))
-    if info.get("interrupted"):
+    if limit := info.get("time_limit"):  # (a resume trains the rest under a new clock)
+        at, of = limit["stopped_at"], limit["of"]
+        rows.append(("time limit", f"stopped at its time limit (--max-minutes {num(limit['max_minutes'])}) after step "
+                                   f"{at} of {of}: `--resume latest` trains steps {at + 1}-{of}"))
+    elif info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
     if info.get("unfinished_of"):
         rows.append(("note", f"the run stopped at step {info['steps']} of {info['unfinished_of']} (an error or a kill) "
