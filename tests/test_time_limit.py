@@ -131,6 +131,34 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert "| time limit |" not in card and "| steps | 5 |" in card  # trained to its end
 
 
+def test_an_out_of_memory_attempt_is_not_counted_in_the_next_steps_time(tmp_path, clock, monkeypatch):
+    """--auto-fit: step 1 runs out of memory after 20 minutes, steps down and is repeated in 10. The next step is
+    like the repeat (the lighter configuration's), not the failed attempt and the repeat together (30 min): with
+    --max-minutes 45 the run trains step 2 (30 + 10 + 1 <= 45 after step 1) and stops after it; counting the failed
+    attempt in the step it stopped after step 1, 14 minutes of the 45 unused."""
+    import torch
+
+    original, failed = Trainer.train_step, []
+
+    def out_of_memory_once(self, step):
+        if not failed:
+            failed.append(step)
+            clock.now += 1200
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        done = original(self, step)
+        clock.now += STEP_S
+        return done
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory_once)
+    monkeypatch.setattr(Trainer, "step_down", lambda self, step, stage, detail, rng_before: None)  # (auto-fit's)
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "5", "--set", "sample_prompts=0",
+                 "--max-minutes", "45"]) == 0
+    assert failed == [1] and [r["step"] for r in strict_rows(out)] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["time_limit"] == {"max_minutes": 45.0, "minutes_used": 40.0,
+                                                                           "stopped_at": 2}
+
+
 def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):
     """Loading took 95 of --max-minutes 90 (the clock starts with the command): one line, no run folder."""
     original = Trainer.load_models

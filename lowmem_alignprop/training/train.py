@@ -570,6 +570,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                     stage, detail = faults.stage_of(e, self.guard.current), first_line(e, 100)
                     del e  # its traceback's frames hold the failed step's activations: freed before the retry
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
+                    self.time_limit.begin_lap()  # max_minutes: the next steps are like the repeat, not the attempt
                     continue  # the same step again, lighter
                 if done.row is not None and (failed := self.evaluate_into(step, done.row)) is not None:
                     self.record(step, done)  # step N is trained: its metrics line (without an evaluation), then
