@@ -139,6 +139,28 @@ def test_the_plans_seconds_read_without_exponents_and_the_run_gets_its_length():
         ["45 s", "119 s", "37 min", "2.0 h", "5.2 h", "2.0 days"]
 
 
+def test_plan_max_minutes_says_how_many_steps_fit_on_the_card():
+    """plan --max-minutes 60 at 25 s per optimizer step on an H100: (3600 - the run's 60 s kept for its end) / 25 =
+    141 steps of the run's 500 fit; a limit longer than the run says all of them; without --max-minutes no line, nor
+    without a card to time on."""
+    from lowmem_alignprop.measure.reports import format_time
+
+    figures = {"fp16_tflops": 989, "bf16_tflops": 989, "tf32_tflops": 495, "fp32_tflops": 67,
+               "memory_gbs": 3350, "pcie_gbs": 64}
+    work = {"matmul_flops": 1e15, "attention_flops": 0.0, "other_bytes": 1e12, "ops": 100_000, "pcie_bytes": 0}
+    t = {"k_mean": 1, "work_per_micro_step": work, "device": "h100-80gb", "device_figures": figures,
+         "matmul_dtype": "bf16", "stages": {"backward": 20.0}, "micro_step": 25.0, "optimizer_step": 25.0}
+    lines = format_time(t, Config(steps=500, max_minutes=60).to_dict())
+    assert lines[-1] == ("    --max-minutes 60 on h100-80gb: about 141 of the run's 500 steps fit (at 25 s a step, "
+                         "less the 1 min the run keeps for its end; the model's loading and the sample renders not "
+                         "counted); --resume latest trains the rest")
+    assert format_time(t, Config(steps=100, max_minutes=60).to_dict())[-1] == (
+        "    --max-minutes 60 on h100-80gb: the run's 100 steps fit (at 25 s a step, 42 min of training)")
+    assert not [x for x in format_time(t, Config(steps=500).to_dict()) if "--max-minutes" in x]
+    assert not [x for x in format_time({**t, "device": None, "note": "no card"}, Config(steps=500, max_minutes=60)
+                                       .to_dict()) if "--max-minutes" in x]
+
+
 def test_the_time_lines_state_the_work_in_decimal_units_and_the_peak_of_the_matmul_dtype():
     """The work line in 1e12 FLOP and 1e9 bytes (as the device table's GB/s); the card's peak is the rate of the
     matmul dtype: an A100's TF32 rate (156) for fp32 with tf32 on, its plain fp32 rate (19.5) without."""

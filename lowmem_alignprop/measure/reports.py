@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
-from lowmem_alignprop.settings.config import Config, describe_k, flag_value, set_flags
+from lowmem_alignprop.settings.config import TIME_LIMIT_MARGIN_S, Config, describe_k, flag_value, set_flags
 from lowmem_alignprop.memory.stages import STAGES
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
@@ -193,6 +193,8 @@ def format_time(t: dict[str, Any] | None, cfg: dict[str, Any], renders: dict[str
                  f"{'s' if cfg['grad_accum'] > 1 else ''} + optimizer); the run's {cfg['steps']} steps: "
                  f"{fmt_duration(cfg['steps'] * t['optimizer_step'])} of training; an estimate (calibration and its "
                  "error: benchmarks/REPORT.md section 6)")
+    if line := steps_in_time_limit(cfg, t["optimizer_step"], t["device"]):
+        lines.append(line)
     kinds = (("sample_grid", "sample-grid"), ("evaluation", "held-out evaluation"), ("judged", "toy-world judged"))
     if renders and (parts := [f"{renders['images'][key]} {name}" for key, name in kinds if renders["images"][key]]):
         each = fmt_seconds(renders["seconds_per_image"])
@@ -200,6 +202,21 @@ def format_time(t: dict[str, Any] | None, cfg: dict[str, Any], renders: dict[str
                      f"{fmt_duration(renders['seconds'])} more ({each} s an image; sample_prompts, sample_every, "
                      "eval_every set how many)")
     return lines
+
+
+def steps_in_time_limit(cfg: dict[str, Any], step_s: float, device: str) -> str | None:
+    """plan --max-minutes M: how many of the run's steps fit in M minutes at the plan's ``step_s`` seconds a step
+    on ``device`` (the run keeps TIME_LIMIT_MARGIN_S for its end); None without a limit."""
+    limit = cfg.get("max_minutes") or 0
+    if limit <= 0 or step_s <= 0:
+        return None
+    head, at = f"    --max-minutes {limit:g} on {device}:", f"at {fmt_seconds(step_s)} s a step"
+    if cfg["steps"] * step_s <= limit * 60 - TIME_LIMIT_MARGIN_S:
+        return f"{head} the run's {cfg['steps']} steps fit ({at}, {fmt_duration(cfg['steps'] * step_s)} of training)"
+    fit = max(0, int((limit * 60 - TIME_LIMIT_MARGIN_S) // step_s))
+    return (f"{head} about {fit} of the run's {cfg['steps']} steps fit ({at}, less the {TIME_LIMIT_MARGIN_S / 60:g} "
+            "min the run keeps for its end; the model's loading and the sample renders not counted); --resume latest "
+            "trains the rest")
 
 
 def fmt_seconds(sec: float) -> str:
