@@ -159,6 +159,31 @@ def test_an_out_of_memory_attempt_is_not_counted_in_the_next_steps_time(tmp_path
                                                                            "stopped_at": 2}
 
 
+def test_a_resumes_recorded_steps_count_until_it_has_timed_its_own(tmp_path, clock, monkeypatch):
+    """A run whose steps took 20 minutes (another card, a heavier configuration) resumed where they take 5: the
+    recorded 20 stand for the first step (0 + 20 + 1 <= 30 of --max-minutes 30: it trains), then this start's own
+    steps do: it trains steps 3-7 (after step 7: 25 + 5 + 1 > 30). With the recorded 20 kept for every step it
+    stopped after step 4, 19 of its 30 minutes unused."""
+    original, took = Trainer.train_step, [1200.0]
+
+    def timed(self, step):
+        done = original(self, step)
+        clock.now += took[0]
+        done.row["seconds"] = took[0]  # (the metrics row's own time, which the checkpoint records)
+        return done
+
+    monkeypatch.setattr(Trainer, "train_step", timed)
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--steps", "8", "--set", "sample_prompts=0"]
+    assert main([*args, "--max-minutes", "60"]) == 0  # after step 2: 40 + 20 + 1 > 60
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]
+    took[0] = 300.0
+    assert main([*args, "--resume", "latest", "--max-minutes", "30"]) == 0
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4, 5, 6, 7]
+    assert json.loads((out / "summary.json").read_text())["time_limit"] == {"max_minutes": 30.0, "minutes_used": 25.0,
+                                                                           "stopped_at": 7}
+
+
 def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):
     """Loading took 95 of --max-minutes 90 (the clock starts with the command): one line, no run folder."""
     original = Trainer.load_models

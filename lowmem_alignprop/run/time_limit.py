@@ -50,7 +50,8 @@ class TimeLimit:
     """A run's ``max_minutes``: what it has measured (its steps, its checkpoints, the before renders) and the rule.
 
     ``started``: :data:`clock`'s reading when the command started; ``steps_s``: the step seconds a resumed run's
-    checkpoint recorded (its metrics rows' own times: the slowest is known before this start's first step);
+    checkpoint recorded (its metrics rows' own times: the slowest stands for this start's steps until it has timed
+    its first);
     ``end_bytes``: what the last checkpoint and the LoRA write (run/disk_space.run_bytes), timed at
     :data:`ASSUMED_WRITE_BYTES_S` until a checkpoint of this start is."""
 
@@ -58,7 +59,10 @@ class TimeLimit:
                  end_bytes: int = 0):
         self.limit_s = max(0.0, float(max_minutes or 0.0)) * 60.0
         self.started = clock() if started is None else started
+        # the slowest step: a resume's recorded ones until this start has timed one of its own (they may be of another
+        # card or configuration, and of no use once its own are known), then this start's
         self.slowest_step_s = max(steps_s) if steps_s else None
+        self.timed_own = False
         self.renders_s = 0.0  # the before renders' seconds (the after ones take as long)
         self.slowest_checkpoint_s: float | None = None
         self.end_bytes = end_bytes
@@ -90,7 +94,8 @@ class TimeLimit:
         """The step since :meth:`begin_lap` ended (less ``less_s``: its checkpoint, which the end's work counts)."""
         now = clock()
         took = now - self.lap_began - less_s
-        self.slowest_step_s = took if self.slowest_step_s is None else max(self.slowest_step_s, took)
+        self.slowest_step_s = took if not self.timed_own else max(self.slowest_step_s, took)
+        self.timed_own = True
         self.lap_began = now
 
     def checkpoint_took(self, seconds: float) -> None:
