@@ -89,6 +89,14 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
         return done
 
     monkeypatch.setattr(Trainer, "train_step", ten_minutes)
+    from lowmem_alignprop.lora import lora_export
+    exporting = lora_export.export
+
+    def half_a_minute(*a, **k):  # the export at the end: rented time too, which summary.json's minutes_used counts
+        clock.now += 30
+        return exporting(*a, **k)
+
+    monkeypatch.setattr(lora_export, "export", half_a_minute)
     out = tmp_path / "run"
     args = [*FAST, "--output-dir", str(out), "--steps", "5", "--set", "sample_prompts=1", "--set",
             "export_format=kohya"]
@@ -100,7 +108,7 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert (out / "samples" / "before_after.png").is_file()  # the after samples, as at a finished run's end
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps_done"], summary["interrupted"], summary["early_stopped_at"]) == (2, True, None)
-    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.0, "stopped_at": 2}
+    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.5, "stopped_at": 2}
     assert "samples_skipped" not in summary
     assert not undocumented(summary, documented_keys(DOC.read_text(encoding="utf-8"))["summary.json"])
     line = next(x for x in said.out.splitlines() + said.err.splitlines() if x.startswith("time limit:"))
@@ -118,7 +126,7 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert main([*args, "--resume", "latest"]) == 0  # the run's 30 minutes again, from this start
     assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.0, "stopped_at": 4}
+    assert summary["time_limit"] == {"max_minutes": 30.0, "minutes_used": 20.5, "stopped_at": 4}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*args, "--resume", "latest", "--max-minutes", "40"]) == 0
@@ -126,7 +134,7 @@ def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_r
     assert not [r.getMessage() for r in caplog.records if "max_minutes" in r.getMessage()]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps_done"], summary["interrupted"]) == (5, False)
-    assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 10.0, "stopped_at": None}
+    assert summary["time_limit"] == {"max_minutes": 40.0, "minutes_used": 10.5, "stopped_at": None}
     card = (Path(summary["exports"]["kohya"]) / "README.md").read_text()  # (beside the earlier LoRAs' exports)
     assert "| time limit |" not in card and "| steps | 5 |" in card  # trained to its end
 
