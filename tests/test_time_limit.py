@@ -65,14 +65,29 @@ def test_the_time_limit_times_the_slowest_step_without_its_checkpoint_and_the_wr
     clock.now += 500  # a step of 200 s, then its checkpoint of 300 s
     limit.checkpoint_took(300)
     limit.step_done(less_s=300)
-    assert limit.slowest_step_s == 300 and limit.writes_s() == 600  # the last checkpoint and the LoRA: 2 x 300 s
+    # the next step: the second's 200 s (the first's 300 s carried the start's warm-up); the last checkpoint and the
+    # LoRA: 2 x 300 s
+    assert limit.slowest_step_s == 200 and limit.writes_s() == 600
     limit.renders_s = 30
     assert limit.end_s() == 30 + 600 + 60
-    # 800 s used + 300 + 690 = 1790 <= 1800; 11 s later it is over
+    # 800 s used + 200 + 690 = 1690 <= 1800; 111 s later it is over
+    clock.now += 110
     assert not limit.stops_now()
-    clock.now += 11
+    clock.now += 1
     assert limit.stops_now()
-    assert limit.record() == {"max_minutes": 30.0, "minutes_used": round(811 / 60, 3), "stopped_at": None}
+    assert limit.record() == {"max_minutes": 30.0, "minutes_used": round(911 / 60, 3), "stopped_at": None}
+
+
+def test_the_next_step_is_timed_by_the_slowest_after_a_starts_first(clock):
+    """The first step of a start carries its warm-up (compile, first kernel calls): after it the slowest later step
+    predicts the next; a resume's recorded steps stand until this start has timed one."""
+    limit = TimeLimit(60, started=clock.now, steps_s=[400.0, 90.0])
+    assert limit.slowest_step_s == 400  # (recorded: before this start's first step)
+    for took in (300, 100, 120, 110):  # a 300 s first step (compile), then ~100 s ones
+        limit.begin_lap()
+        clock.now += took
+        limit.step_done()
+        assert limit.slowest_step_s == {300: 300, 100: 100, 120: 120, 110: 120}[took]
 
 
 def test_a_run_stops_before_its_limit_with_its_outputs_and_a_resume_trains_the_rest(tmp_path, clock, monkeypatch,

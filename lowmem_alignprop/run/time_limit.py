@@ -60,9 +60,9 @@ class TimeLimit:
         self.limit_s = max(0.0, float(max_minutes or 0.0)) * 60.0
         self.started = clock() if started is None else started
         # the slowest step: a resume's recorded ones until this start has timed one of its own (they may be of another
-        # card or configuration, and of no use once its own are known), then this start's
+        # card or configuration, and of no use once its own are known), then this start's (:meth:`step_done`)
         self.slowest_step_s = max(steps_s) if steps_s else None
-        self.timed_own = False
+        self.own_steps_s: list[float] = []
         self.renders_s = 0.0  # the before renders' seconds (the after ones take as long)
         self.slowest_checkpoint_s: float | None = None
         self.end_bytes = end_bytes
@@ -91,11 +91,13 @@ class TimeLimit:
         self.lap_began = clock()
 
     def step_done(self, less_s: float = 0.0) -> None:
-        """The step since :meth:`begin_lap` ended (less ``less_s``: its checkpoint, which the end's work counts)."""
+        """The step since :meth:`begin_lap` ended (less ``less_s``: its checkpoint, which the end's work counts). The
+        next step is predicted by this start's slowest step after its first, once there is one: the first carries
+        the warm-up (torch.compile's compile, the allocator's and kernels' first calls, an evaluation owed from before
+        the resume) that no later step repeats; by that first step alone until then."""
         now = clock()
-        took = now - self.lap_began - less_s
-        self.slowest_step_s = took if not self.timed_own else max(self.slowest_step_s, took)
-        self.timed_own = True
+        self.own_steps_s.append(now - self.lap_began - less_s)
+        self.slowest_step_s = max(self.own_steps_s[1:] or self.own_steps_s)
         self.lap_began = now
 
     def checkpoint_took(self, seconds: float) -> None:
