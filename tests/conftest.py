@@ -90,6 +90,34 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture
+def online_by_setting(monkeypatch):
+    """No offline variable set, huggingface_hub in online mode (the hub tests' requests are fakes); the probe's cache
+    is cleared before and after. Yields the list a test's stand-in connection appends its probes to."""
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.settings import hub_access
+
+    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_access.unreachable.cache_clear()
+    probes: list[tuple] = []
+    yield probes
+    hub_access.unreachable.cache_clear()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache of this test's own (huggingface_hub's HF_HUB_CACHE pointed at it)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
 def fresh_log_handlers():
     """main() calls logging.basicConfig, which binds to the stderr of the first test that ran it: a test that reads
     its own stderr starts with no root handlers, and the earlier ones come back after it."""

@@ -23,18 +23,6 @@ from lowmem_alignprop.settings import hub_access
 from lowmem_alignprop.cli import main
 
 
-@pytest.fixture
-def online_by_setting(monkeypatch):
-    """No offline variable set, huggingface_hub in online mode; the probe's cache is cleared before and after."""
-    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    hub_access.unreachable.cache_clear()
-    probes: list[tuple] = []
-    yield probes
-    hub_access.unreachable.cache_clear()
-
-
 def _no_dns(probes):
     def connect(address, timeout=None):
         probes.append((address, timeout))
@@ -222,14 +210,6 @@ def test_plan_of_a_hub_id_not_downloaded_fetches_its_configs_and_never_weights(o
 
 HUB_FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
             "--steps", "1"]
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 @pytest.mark.parametrize("offline_by", ["HF_HUB_OFFLINE", "the probe"])

@@ -13,7 +13,6 @@ import socket
 import pytest
 import torch
 import yaml
-from huggingface_hub import constants
 
 from hubcache import cached_snapshot
 from loras import cpu_cfg, export, sampled, trainer_at_step_0
@@ -23,7 +22,6 @@ from test_hub import _no_dns
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.lora import hub_lora
-from lowmem_alignprop.settings import hub_access
 from lowmem_alignprop.settings.errors import UserError
 
 REPO = "someone/style-lora"
@@ -57,24 +55,13 @@ def made(tmp_path_factory, tiny_dir):
     return make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False)
 
 
-@pytest.fixture
-def online_by_setting(monkeypatch):
-    """No offline variable set, huggingface_hub in online mode (test_hub's): the probes made, listed."""
-    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    hub_access.unreachable.cache_clear()
-    probes: list[tuple] = []
-    yield probes
-    hub_access.unreachable.cache_clear()
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
+def _into_snapshot(cache, repo: str, commit: str, filename: str, source) -> str:
+    """What a fake hf_hub_download returns: ``source`` copied to ``filename`` in ``repo``'s snapshot of ``commit`` in
+    the hub ``cache``, as huggingface_hub lays a download out."""
+    target = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+    return str(target)
 
 
 def _repo(cache, tmp_path, repo: str, names: list[str]):
@@ -263,10 +250,7 @@ def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside
 
     def download(repo, filename, **kw):
         asked.append((repo, filename))
-        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(made["lora"] / filename, target)
-        return str(target)
+        return _into_snapshot(hub_cache, repo, commit, filename, made["lora"] / filename)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: [
         ".gitattributes", "README.md", "base_model.json", "pytorch_lora_weights.safetensors", "x/other.safetensors"])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
@@ -303,10 +287,7 @@ def test_online_a_revision_is_listed_and_downloaded_at_it_and_one_the_hub_lacks_
 
     def download(repo, filename, revision=None, **kw):
         asked.append((repo, filename, revision))
-        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(made["lora"] / filename, target)
-        return str(target)
+        return _into_snapshot(hub_cache, repo, commit, filename, made["lora"] / filename)
 
     def listed(repo, revision=None, **kw):
         asked.append((repo, "", revision))
@@ -348,10 +329,7 @@ def test_online_a_full_models_file_is_refused_from_its_header_before_its_downloa
 
     def download(repo, filename, **kw):
         asked.append(repo)
-        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("e" * 40) / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(lora_file, target)
-        return str(target)
+        return _into_snapshot(hub_cache, repo, ("e" * 40), filename, lora_file)
     monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", header)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: ["model.safetensors"])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
@@ -679,10 +657,7 @@ def test_online_export_of_a_hub_lora_reads_the_header_first_and_downloads_the_lo
 
     def download(repo, filename, **kw):
         asked.append((repo, filename))
-        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("e" * 40) / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(made["lora"] / filename, target)
-        return str(target)
+        return _into_snapshot(hub_cache, repo, ("e" * 40), filename, made["lora"] / filename)
     monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", lambda repo, file, **kw: type(
         "Header", (), {"tensors": {k: type("Info", (), {"shape": v}) for k, v in headers[repo].items()}}))
     monkeypatch.setattr(huggingface_hub, "list_repo_files",
