@@ -295,3 +295,17 @@ def test_time_left_counts_the_renders_after_the_last_step(monkeypatch):
     assert left.after_step(1, 3, seconds=10.0) == f" | {run_summary.fmt_duration(2 * 10 + 1800)} left"
     assert left.after_step(2, 3, seconds=10.0) == f" | {run_summary.fmt_duration(10 + 1800)} left"
     assert left.after_step(3, 3, seconds=10.0) == ""  # (the end box follows)
+
+
+def test_time_left_says_when_max_minutes_stops_the_training_before_the_last_step(monkeypatch):
+    """With --max-minutes the step line said the time to the run's last step alone: '35 s left' at step 120 of 500
+    when the limit stopped the start 14 steps later (the README's 2000 SDXL steps under --max-minutes 110: hours
+    left in a session ending at 110 min). ``limit_s``: seconds until the limit (None: no limit); said only when the
+    steps and the end's work (``closing`` and ``end_s``) pass it, as when the training stops: ``end_s`` before it."""
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft()
+    assert left.after_step(1, 500, seconds=10.0, limit_s=3000.0, end_s=60.0) == \
+        " | 83 min left, --max-minutes stops this start's training in about 49 min"
+    assert left.after_step(2, 500, seconds=10.0, limit_s=6000.0, end_s=60.0) == " | 83 min left"  # all fit
+    assert left.after_step(3, 500, seconds=10.0) == " | 83 min left"  # (no limit)
