@@ -323,6 +323,23 @@ def test_the_exports_of_a_w_x_h_run_say_width_x_height(wide_run):
     assert "eta=1, height=32, width=64).images[0]" in (wide_run / "export" / "diffusers" / "README.md").read_text()
 
 
+def test_a_w_x_h_lora_away_from_its_run_exports_its_size_too(wide_run, tmp_path):
+    """A lora/ folder copied away from its run (or a hub LoRA: the same files) exported to kohya: its size is in its
+    base_model.json's image settings, which the header's alignprop_image_settings read, but modelspec.resolution and
+    ss_resolution were left out (only the run's config.yaml was read for them)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    away = tmp_path / "away"
+    shutil.copytree(wide_run / "lora", away)
+    assert main(["export", "--lora", str(away), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    [file] = (tmp_path / "k").glob("*.safetensors")
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    assert (meta["modelspec.resolution"], meta["ss_resolution"]) == (f"{W}x{H}", f"({W}, {H})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the planner and tiled decode
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
     if lora.config.get("use_rslora"):
         alpha = lora.scale(lora.modules[0]) * ranks[0]
     info = run_info(lora)
+    if info.get("resolution") is None and lora_image_settings(lora).get("resolution") is not None:  # (away from its
+        info["resolution"] = lora_image_settings(lora)["resolution"]  # run, a hub LoRA: base_model.json's record)
     model, version = shared_name(str(lora.base_model or "")), base_family(lora)
     stem = title or file_stem(lora)  # the file's
     meta = {
