@@ -141,6 +141,22 @@ def test_a_mistyped_relative_file_is_a_missing_path_not_a_hub_repository(tmp_pat
                    ".safetensors file or a peft adapter folder)", out, capsys)
 
 
+def test_a_weight_after_a_hub_id_is_said_where_no_weight_is_taken(tmp_path, monkeypatch, capsys):
+    """sample's --lora owner/name:0.8 given to --init-lora or export: 'no such file or folder: pass a LoRA (a run's
+    lora/ folder, ...)' (export: 'no such folder'), as if the id were a local path; a local folder with a weight
+    already said export takes none. Both now say so of a hub id, before anything is fetched."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert_refused(main, [*FAST, "--steps", "1", "--init-lora", "someone/my-lora:0.5", "--output-dir", str(out)],
+                   "--init-lora someone/my-lora:0.5: --init-lora takes no weight after the LoRA (sample's "
+                   "--lora LORA:WEIGHT): it starts from the LoRA as it is; pass --init-lora someone/my-lora", out,
+                   capsys)
+    assert_refused(main, ["export", "--lora", "someone/my-lora@v2:0.5", "--out", str(out)],
+                   "--lora someone/my-lora@v2:0.5: export takes no weight after the LoRA (sample's DIR:WEIGHT); for "
+                   "a model with the LoRA merged at that weight: --lora someone/my-lora@v2 --merge --weight 0.5", out,
+                   capsys)
+
+
 def _at(cache, tmp_path, repo: str, ref: str, files: dict[str, bytes]):
     """``repo`` cached at ``ref`` (refs/REF; its snapshot named by the commit _commit(f"{repo}@{ref}")) with
     ``files``."""

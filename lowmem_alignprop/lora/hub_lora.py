@@ -72,6 +72,15 @@ def hub_lora_id(spec: str) -> tuple[str, str, str] | None:
     return split_hub_id(spec)
 
 
+def weighted_hub_id(spec: str) -> tuple[str, str] | None:
+    """(id, weight) where ``spec`` is a hub LoRA id with sample's ``:WEIGHT`` after it (``owner/name:0.8``), given
+    where no weight is taken (--init-lora, export); None for anything else, a path that exists included."""
+    where, _, weight = spec.strip().rpartition(":")
+    if where and re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", weight) and hub_lora_id(where) is not None:
+        return where, weight
+    return None
+
+
 def split_hub_id(spec: str) -> tuple[str, str, str] | None:
     """(repo, file, revision) of a hub LoRA id by its form alone (:func:`hub_lora_id` without the paths here: a
     record's), None for another form."""

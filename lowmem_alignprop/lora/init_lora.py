@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.lora.hub_lora import hub_lora
+from lowmem_alignprop.lora.hub_lora import hub_lora, weighted_hub_id
 from lowmem_alignprop.lora.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
 from lowmem_alignprop.lora.lora_files import is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.lora.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers, bare_part,
@@ -95,6 +95,9 @@ def named_lora(spec: str) -> tuple[Path, str, Path | None]:
         return checkpoint, "checkpoint", None
     if not path.exists() and (hub := hub_lora(spec, "--init-lora")) is not None:  # owner/name[/file.safetensors]
         return (hub.path.parent, "peft", hub.path) if hub.peft else (hub.snapshot, "folder", hub.path)
+    if not path.exists() and (weighted := weighted_hub_id(spec)) is not None:  # sample's owner/name:0.8
+        raise UserError(f"--init-lora {spec}: --init-lora takes no weight after the LoRA (sample's --lora "
+                        f"LORA:WEIGHT): it starts from the LoRA as it is; pass --init-lora {weighted[0]}")
     if not path.exists():
         raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
                         "checkpoint, a .safetensors file or a peft adapter folder)")

@@ -111,9 +111,11 @@ def read_hub_lora(spec: str, merge: bool = False) -> Lora | None:
     exists wins): its file fetched into the hub cache (offline: the cache's, else one line with its ``hf download``)
     and read as that file by its path is (read_lora), its lines naming it by the id, not by its path in the cache.
     None where ``spec`` names no hub id."""
-    from lowmem_alignprop.lora.hub_lora import hub_lora
-    from lowmem_alignprop.lora.lora_files import EXPORT_TAKES, read_lora
+    from lowmem_alignprop.lora.hub_lora import hub_lora, weighted_hub_id
+    from lowmem_alignprop.lora.lora_files import EXPORT_TAKES, export_weight_line, read_lora
 
+    if (weighted := weighted_hub_id(spec)) is not None:  # sample's owner/name:0.8 (a local folder's: lora_dir_of)
+        raise UserError(export_weight_line(spec, *weighted))
     found = hub_lora(spec, "--lora", EXPORT_TAKES)
     if found is None:
         return None

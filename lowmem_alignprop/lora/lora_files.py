@@ -167,14 +167,19 @@ ALREADY_MERGE = ("--merge fuses the LoRA a run wrote (its lora/ folder or a chec
                  "that run's lora/ (export RUN/lora --merge); sample and --init-lora read this one as it is")
 
 
+def export_weight_line(spec: str, where: str, weight: str) -> str:
+    """export --lora ``spec``: the LoRA ``where`` with sample's ``:weight`` after it (a folder, a hub id)."""
+    return (f"--lora {spec}: export takes no weight after the LoRA (sample's DIR:WEIGHT); for a model with the LoRA "
+            f"merged at that weight: --lora {where} --merge --weight {weight}")
+
+
 def lora_dir_of(spec: str, merge: bool = False) -> Path:
     """``--lora``: the lora/ folder a run wrote, or the run folder that holds it (``merge``: export --merge's)."""
     path = Path(spec).expanduser()
     if not path.exists():
         where, _, weight = spec.rpartition(":")  # sample's DIR:WEIGHT
         if where and Path(where).expanduser().exists() and re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", weight):
-            raise UserError(f"--lora {spec}: export takes no weight after the LoRA (sample's DIR:WEIGHT); for a "
-                            f"model with the LoRA merged at that weight: --lora {where} --merge --weight {weight}")
+            raise UserError(export_weight_line(spec, where, weight))
         raise UserError(f"--lora {spec}: no such folder: pass the lora/ folder a run wrote (e.g. outputs/run/lora) "
                         "or the run folder")
     if (line := not_a_lora("--lora", spec, folder=path, takes=EXPORT_TAKES)) is not None:  # (said: a run that stopped)
