@@ -137,6 +137,9 @@ def test_the_plans_seconds_read_without_exponents_and_the_run_gets_its_length():
         ["0", "<0.01", "0.5", "12.3", "100", "100", "1000000"]
     assert [fmt_duration(x) for x in (45, 119, 2220, 7200, 18720, 172800)] == \
         ["45 s", "119 s", "37 min", "2.0 h", "5.2 h", "2.0 days"]
+    # under a second a tenth: plan's "2 sample-grid images without gradient: at most 0 s more (0.0955 s an image" and
+    # a step line's "0 s left" hid spans that are not zero
+    assert [fmt_duration(x) for x in (0.19, 0.04, 0.94, 0.96, 6)] == ["0.2 s", "0.0 s", "0.9 s", "1 s", "6 s"]
 
 
 def test_plan_max_minutes_says_how_many_steps_fit_on_the_card():

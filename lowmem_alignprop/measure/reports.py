@@ -229,7 +229,9 @@ def fmt_seconds(sec: float) -> str:
 
 
 def fmt_duration(sec: float) -> str:
-    """A span a person reads: '45 s', '37 min', '5.2 h', '3.1 days'."""
+    """A span a person reads: '0.2 s', '45 s', '37 min', '5.2 h', '3.1 days'."""
+    if sec < 0.95:  # (a tenth: under a second was '0 s')
+        return f"{sec:.1f} s"
     if sec < 120:
         return f"{sec:.0f} s"
     if sec < 2 * 3600:
