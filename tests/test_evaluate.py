@@ -769,7 +769,7 @@ def test_the_toy_worlds_figures_of_a_model_alone_are_its_images_and_its_line_com
          "fidelity": fidelity}
     print_summary(r, tmp_path)
     assert capsys.readouterr().out.splitlines() == [
-        "reward toy_clip over 3 prompts x 1 images (DDIM 3 steps, seed 0):", "  model 1.2346   (toy, no LoRA)",
+        "reward toy_clip over 3 prompts x 1 image (DDIM 3 steps, seed 0):", "  model 1.2346   (toy, no LoRA)",
         "  exact fidelity (toy world) (2 of 3 images judged: the others' prompts are outside the grammar): all right "
         f"{base['fidelity_all_ok']:.0%}, score {base['fidelity_score']:.3f}",
         f"wrote {tmp_path / SAMPLE_GRID} and {tmp_path / SAMPLE_RESULTS}"]

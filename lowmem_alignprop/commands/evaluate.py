@@ -302,7 +302,8 @@ def print_summary(r: dict, out: Path) -> None:
     """The evaluation's lines on stdout: the means (base, lora, difference; without a LoRA the model's mean alone),
     the mix, the toy world's exact figures, and the files written."""
     made = len(r["per_prompt"]) * r["images_per_prompt"]
-    head = (f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
+    n, each = r["num_prompts"], r["images_per_prompt"]
+    head = (f"reward {r['reward']} over {n} prompt{'s' * (n != 1)} x {each} image{'s' * (each != 1)} "
             f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):")
     fid = r.get("fidelity", {})
     if not r["loras"]:  # the model alone: its mean, no comparison
