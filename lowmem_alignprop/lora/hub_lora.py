@@ -166,7 +166,8 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str, takes: 
             raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
                             + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
-        if refusal := _header_refusal(repo, chosen, at, what, spec, takes):  # (before the download: it may be gigabytes)
+        # the file's header first: a full checkpoint named as a LoRA is refused before gigabytes download
+        if refusal := _header_refusal(repo, chosen, at, what, spec, takes):
             raise UserError(refusal)
         path = Path(huggingface_hub.hf_hub_download(repo, chosen, **at))
         for record in (_beside(chosen, name) for name in (LORA_BASE_FILE, PEFT_CONFIG_NAME)):  # our export's

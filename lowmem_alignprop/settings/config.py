@@ -113,9 +113,10 @@ class Config:
     steps: int = _f(20, "Number of optimizer steps to train.")
     max_minutes: float = _f(0.0, "Time limit for the run in minutes, counted from the command's start (loading the "
                             "model included): before each step the run stops when that step (the slowest one timed "
-                            "so far after the start's first, whose warm-up no later step repeats) and its end's work (checkpoint, LoRA, after samples, exports) would pass it, and "
-                            "ends with its outputs written; --resume latest trains the rest under a new clock "
-                            "(--max-minutes). 0 = no limit.")
+                            "so far after the start's first, whose warm-up no later step repeats) and its end's work "
+                            "(checkpoint, LoRA, after samples, exports) would pass it, and ends with its outputs "
+                            "written; --resume latest trains the rest under a new clock (--max-minutes). 0 = no "
+                            "limit.")
 
     # ---- sampler -------------------------------------------------------------------------------
     sample_steps: int = _f(50, "Denoising steps per rollout (T): DDIM steps for UNet models, Euler steps for SD3/FLUX.")
