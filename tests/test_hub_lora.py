@@ -214,6 +214,19 @@ def test_a_revision_the_cache_does_not_hold_is_one_line_with_its_download(hub_ca
                    line.format(what="--init-lora"), out, capsys)
 
 
+def test_offline_a_file_the_cached_repository_lacks_is_one_line_listing_what_it_holds(hub_cache, tmp_path):
+    """Offline, owner/name/FILE of a repository the cache holds without FILE (a typo): the line says the repository is
+    cached and lists its files, not that it is not cached."""
+    _repo(hub_cache, tmp_path, "o/style", ["pytorch_lora_weights.safetensors", "sub/x.safetensors", "README.md"])
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("o/style/nope.safetensors", "--lora")
+    assert str(e.value) == (
+        "--lora o/style/nope.safetensors: no such file or folder here, and the local hub cache holds o/style without "
+        "nope.safetensors (its .safetensors files: pytorch_lora_weights.safetensors, sub/x.safetensors) while the hub "
+        "cannot be reached (no network, or HF_HUB_OFFLINE set): name one of those, or on a machine with network run "
+        "`hf download o/style nope.safetensors --local-dir DIR`, then pass DIR/nope.safetensors")
+
+
 def test_several_lora_files_for_init_lora_is_one_line_before_any_model_loads(hub_cache, tmp_path, capsys,
                                                                            monkeypatch):
     from lowmem_alignprop.training import train_setup

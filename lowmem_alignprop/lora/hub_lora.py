@@ -227,6 +227,12 @@ def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> Hu
     hint = download_hint(" ".join([repo, *([file] if file else []), *(["--revision", revision] if revision else [])]),
                          f"pass DIR/{file}" if file else f"pass that DIR to {what}")
     at = f" at revision {revision}" if revision else ""
+    if snapshot is not None:  # the repository is cached, without the file named (a typo, or a part never fetched)
+        held = [f for f in files if f.endswith(".safetensors")]
+        listed = f"its .safetensors files: {_few(held)}" if held else "no .safetensors file"
+        raise UserError(f"{what} {spec}: no such file or folder here, and the local hub cache holds {repo}{at} "
+                        f"without {file} ({listed}) while the hub cannot be reached (no network, or HF_HUB_OFFLINE "
+                        f"set): name one of those, or {hint}")
     raise UserError(f"{what} {spec}: no such file or folder here, and as a Hugging Face hub id{at} it is not in the "
                     f"local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): {hint}")
 
