@@ -163,6 +163,16 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
     return chosen, record
 
 
+def limit_reached(limit: time_limit.TimeLimit, accelerator) -> bool:
+    """max_minutes' verdict now (TimeLimit.stops_now), rank 0's for every rank: each rank's clock is its own, and a
+    rank that stopped alone would leave the others in the next collective."""
+    stop = limit.stops_now()
+    if accelerator.num_processes > 1:
+        from lowmem_alignprop.run.distributed import rank_0_says
+        stop = rank_0_says(accelerator, stop)
+    return stop
+
+
 def prompt_digest(prompts: list[str]) -> str:
     """The prompt list's fingerprint in a checkpoint: a resume whose prompt file was edited since is told so."""
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
@@ -725,11 +735,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         recorded = self.point.state.get("history", []) if self.point is not None else []
         limit.slowest_step_s = max([h["seconds"] for h in recorded if h.get("seconds") is not None], default=None)
         limit.end_bytes = disk_space.run_bytes(self.cfg, self.params, self.start).least
-        stop = limit.stops_now()
-        if self.accelerator.num_processes > 1:
-            from lowmem_alignprop.run.distributed import rank_0_says
-            stop = rank_0_says(self.accelerator, stop)
-        if stop:
+        if limit_reached(limit, self.accelerator):
             raise UserError(limit.no_room_message())
         limit.begin_lap()
 
@@ -742,11 +748,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         if checkpoint_s:
             limit.checkpoint_took(checkpoint_s)
         limit.step_done(less_s=checkpoint_s)
-        stop = limit.stops_now()
-        if self.accelerator.num_processes > 1:  # (each rank's clock: rank 0's is the run's)
-            from lowmem_alignprop.run.distributed import rank_0_says
-            stop = rank_0_says(self.accelerator, stop)
-        return stop
+        return limit_reached(limit, self.accelerator)
 
     def stops_early(self, step: int) -> bool:
         """Whether the held-out evaluation of ``step`` stopped the run (early_stop's patience spent)."""
