@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.settings.config import tile_overlap_fits
+from lowmem_alignprop.settings.image_size import height_width
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -61,7 +62,7 @@ def cuts_tiles(height: int, width: int, tile: int) -> bool:
 def latent_cells(size: int | tuple[int, int], vae_scale: int) -> tuple[int, int]:
     """(height, width) in latent cells (``vae_scale`` px a cell) of images of ``size``: a side, or (height, width)
     in pixels."""
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = height_width(size)
     return height // vae_scale, width // vae_scale
 
 

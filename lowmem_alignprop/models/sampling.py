@@ -20,7 +20,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, checkpoint_modules, module_checkpoint
-from lowmem_alignprop.settings.image_size import resolution_of
+from lowmem_alignprop.settings.image_size import height_width, resolution_of
 from lowmem_alignprop.settings.model_kind import vae_scale
 
 
@@ -456,11 +456,6 @@ def without_autocast(device_type: str):
 
 def vae_scale_factor(vae) -> int:
     return vae_scale(vae.config)
-
-
-def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) in pixels of an image ``size``: one side (a square), or already (height, width)."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def resolution_note(unet, vae, size: int | tuple[int, int], default_size: int | None = None) -> str | None:

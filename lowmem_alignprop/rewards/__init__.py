@@ -44,6 +44,7 @@ import torch
 
 from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, did_you_mean, error_words, first_line
+from ..settings.image_size import height_width
 from ..settings.paths import per_reward_weights
 from .base import NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
@@ -397,7 +398,7 @@ SQUARE_REWARDS = ("toy_clip", "toy_count")  # ConvTower resizes any image to 64x
 def check_square_rewards(resolved: list[tuple[str, str, float]], resolution: int | tuple[int, int]) -> None:
     """The toy world's rewards read 64x64 images, the square scenes they were trained on: an image of another
     aspect (``resolution``: (height, width)) would be squeezed into that square. One line naming the fix."""
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    height, width = height_width(resolution)
     square = [name for kind, name, _ in resolved if kind == "builtin" and name.partition("=")[0] in SQUARE_REWARDS]
     if square and height != width:
         raise UserError(f"reward {square[0]} reads square images (the toy world's scenes are 64x64): a {width}x{height}"
@@ -409,7 +410,7 @@ def cropped_note(resolved: list[tuple[str, str, float]], resolution: int | tuple
     """What the CLIP-family rewards (:data:`MODEL_REWARDS`) of a spec see of a non-square image (``resolution``:
     (height, width)): ClipPreprocess, as CLIPImageProcessor, resizes the shortest side and crops the centre square,
     so the rest of the long side is neither scored nor trained. None for a square image or no such reward."""
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    height, width = height_width(resolution)
     names = list(dict.fromkeys(name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS))
     if not names or height == width:
         return None
@@ -430,7 +431,7 @@ def probe_reward(reward: RewardModule, resolution: int | tuple[int, int], prompt
     loads."""
     g = torch.Generator().manual_seed(0)
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    height, width = height_width(resolution)
     leaf = torch.rand(2, 3, height, width, generator=g).to(device).requires_grad_(True)
     images = leaf * 1.0  # not a leaf, as the decoded images are not (an in-place change is then said as such)
     pair = (list(prompts or []) * 2)[:2] or ["a photo of a cat", "a painting of a dog"]

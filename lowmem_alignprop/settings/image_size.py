@@ -44,6 +44,11 @@ def image_sides(resolution: Any) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of an image ``size``: one side (a square), or already (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def nearest_multiples(resolution: Any, multiple: int) -> tuple[int | str, int | str]:
     """The sizes nearest ``resolution`` whose sides are multiples of ``multiple``: (each side rounded down, not under
     ``multiple``; each side rounded up), as ``resolution`` values."""
