@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import socket
 
@@ -420,10 +421,11 @@ def _file_deltas(file) -> dict[str, torch.Tensor]:
             @ weights[k] for k in weights if k.endswith(".lora.down.weight")}
 
 
-def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the_cache(made, hub_cache, tmp_path):
+def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the_cache(made, hub_cache, tmp_path,
+                                                                                       caplog):
     """--init-lora owner/name: step 0's LoRA is the file's (each layer's delta), the run keeps the file as read in
-    init_lora/ and records the id's commit (source.json, the card's "started from" row); a resume with the hub cache
-    gone (and no network) starts from that copy."""
+    init_lora/ and records the id's commit (source.json, the card's "started from" row, the start line); a resume with
+    the hub cache gone (and no network) starts from that copy."""
     from lowmem_alignprop.run import checkpoint as ckpt
 
     snapshot = cached_snapshot(hub_cache, REPO, made["lora"])
@@ -437,7 +439,9 @@ def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the
     del trainer
 
     out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert main([*FAST, "--steps", "1", "--init-lora", REPO, "--output-dir", str(out)]) == 0
+    assert f"starting from the LoRA {REPO} at commit {_commit(REPO)} (" in caplog.text
     assert (out / "init_lora" / "pytorch_lora_weights.safetensors").read_bytes() == file.read_bytes()
     source = json.loads((out / "init_lora" / "source.json").read_text())
     assert source == {"file": "pytorch_lora_weights.safetensors", "sha256": ckpt.file_sha256(file),
@@ -547,7 +551,6 @@ def test_sample_lines_name_a_hub_lora_by_its_id_not_its_hub_cache_path(made, hub
     gave it (owner/name, @REV and a file where named), not as its file in the hub cache (they named
     .../hub/models--someone--style-lora/snapshots/<commit>)."""
     import argparse
-    import logging
 
     from lowmem_alignprop.commands.sample_cmd import take_run_settings
 
@@ -614,7 +617,6 @@ def test_export_of_a_hub_lora_is_the_export_of_its_file_naming_the_id_and_commit
     """export --lora owner/name --format kohya: the tensors of the export of its file by path; the file and card named
     by the repository, the card's row and command and base_model.json's hub_lora naming the id and the commit read;
     nothing written into the hub cache (without --out: export/NAME/kohya in the working folder)."""
-    import logging
 
     from safetensors.torch import load_file
 

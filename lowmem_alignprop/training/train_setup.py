@@ -249,7 +249,9 @@ class RunSetup:
             log.warning("%s", other)
         base = "the base model with the LoRA's kept layers (the trained LoRA off)" if split.kept else \
             "the base model (its LoRA off)"
-        log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
+        revision = (self.init_source or {}).get("revision")  # a hub id's: the commit read (main moves)
+        named = f"{cfg.init_lora} at commit {revision}" if revision else cfg.init_lora
+        log.info("starting from the LoRA %s (%s)%s", named, taken,
                  f"; kl_coeff keeps the run near {base}, not near this LoRA: the KL starts above 0"
                  if cfg.kl_coeff and any(b.any() for _, b in split.trained.values()) else "")  # (a LoRA at zero: 0)
 
