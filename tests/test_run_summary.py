@@ -309,3 +309,27 @@ def test_time_left_says_when_max_minutes_stops_the_training_before_the_last_step
         " | 83 min left, --max-minutes stops this start's training in about 49 min"
     assert left.after_step(2, 500, seconds=10.0, limit_s=6000.0, end_s=60.0) == " | 83 min left"  # all fit
     assert left.after_step(3, 500, seconds=10.0) == " | 83 min left"  # (no limit)
+
+
+def test_the_time_max_minutes_stops_the_training_in_leaves_the_renders_after_it_before_the_limit(monkeypatch):
+    """The training stops where the next step, the renders after the last step, the last writes and the margin would
+    pass the limit (run/time_limit.stops_before_next_step): the step line's "stops in about X" is the limit less all
+    of the end's work (it left out the renders: X was later than the stop by the renders' time)."""
+    from lowmem_alignprop.run import time_limit
+
+    clock = iter([10.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(time_limit, "clock", lambda: 0.0)
+    limit = time_limit.TimeLimit(50.0, started=0.0)  # 3000 s, none used yet
+    limit.renders_s = 600.0  # the before renders took 10 min: the after ones will
+    left = TimeLeft()
+    left.closing = 600.0
+    assert limit.left_and_end() == (3000.0, 600.0 + limit.writes_s() + time_limit.END_MARGIN_S)
+    stops = run_summary.fmt_duration(3000.0 - limit.end_s())  # 39 min (it said 49: the renders left out)
+    assert left.after_step(1, 500, 10.0, *limit.left_and_end()) == \
+        f" | 93 min left, --max-minutes stops this start's training in about {stops}"
+    assert time_limit.TimeLimit(0.0).left_and_end() == ()  # no limit: nothing said
+    # the stop rule's verdict at that time, one step before it and one after
+    stop = 3000.0 - limit.end_s()
+    assert not time_limit.stops_before_next_step(stop - 10.0 - 1.0, 3000.0, 10.0, 600.0, limit.writes_s())
+    assert time_limit.stops_before_next_step(stop - 10.0 + 1.0, 3000.0, 10.0, 600.0, limit.writes_s())

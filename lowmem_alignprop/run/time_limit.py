@@ -86,6 +86,11 @@ class TimeLimit:
     def end_s(self) -> float:
         return self.renders_s + self.writes_s() + END_MARGIN_S
 
+    def left_and_end(self) -> tuple[float, ...]:
+        """The step line's (seconds this start has left, the end's work as :meth:`stops_now` counts it: the renders
+        after the last step included), for TimeLeft.after_step's ``limit_s`` and ``end_s``; () without a limit."""
+        return (self.limit_s - self.used_s(), self.end_s()) if self.on else ()
+
     def begin_lap(self) -> None:
         """The next step's time starts now (before the first step of a start)."""
         self.lap_began = clock()

@@ -87,8 +87,9 @@ class TimeLeft:
                    end_s: float = 0.0) -> str:
         """' | 12 min left' after step ``step`` of ``steps`` (``seconds``: that step's own time, used while no
         interval has been seen; None for a skipped step); '' after the last step. ``limit_s``: the seconds
-        --max-minutes leaves this start (None: no limit): where the steps and the end's work (``end_s``) pass it,
-        the limit stops the start's training before the last step, ``end_s`` before the limit (said)."""
+        --max-minutes leaves this start (None: no limit): where the steps and the end's work (``end_s``: the renders
+        after the last step, the last writes and the margin, as the limit's rule counts them) pass it, the limit stops
+        the start's training before the last step, ``end_s`` before the limit (said)."""
         self.ends.append((time.perf_counter(), self.pending))
         self.pending = 0.0
         left = steps - step
@@ -103,8 +104,9 @@ class TimeLeft:
         mean_eval = sum(self.evals) / len(self.evals) if self.evals else 0.0  # none seen yet: not counted
         judged_left = steps // self.judge_every - step // self.judge_every if self.judge_every else 0
         mean_judging = sum(self.judgings) / len(self.judgings) if self.judgings else 0.0
-        total = left * per_step + evals_left * mean_eval + judged_left * mean_judging + self.closing
-        if limit_s is not None and total + end_s > limit_s:
+        steps_s = left * per_step + evals_left * mean_eval + judged_left * mean_judging
+        total = steps_s + self.closing
+        if limit_s is not None and steps_s + end_s > limit_s:  # (end_s holds the renders after: closing's stand-in)
             stops = fmt_duration(max(0.0, limit_s - end_s))  # (the end's work after it: within the limit)
             return f" | {fmt_duration(total)} left, --max-minutes stops this start's training in about {stops}"
         return f" | {fmt_duration(total)} left"

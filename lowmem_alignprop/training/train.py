@@ -633,9 +633,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         cfg, prof, row, bad = self.cfg, self.prof, done.row, done.bad
         mem = prof.end_step()
         limit = self.time_limit  # (--max-minutes: when it ends this start, where that comes before the last step)
-        left = self.time_left.after_step(step, cfg.steps, row["seconds"] if row else None,
-                                         *((limit.limit_s - limit.used_s(), limit.writes_s() + time_limit.END_MARGIN_S)
-                                           if limit.on else ()))
+        left = self.time_left.after_step(step, cfg.steps, row["seconds"] if row else None, *limit.left_and_end())
         if step == self.start + 1:
             prof.record_modules(self.modules())
         if bad is not None:
