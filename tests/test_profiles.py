@@ -850,7 +850,8 @@ def load_profile_text(text: str) -> dict:
 
 
 @pytest.mark.parametrize("sets, needle", [
-    ({"grad_accum": 0}, "grad_accum must be at least 1 (got 0)"),  # 0 micro-steps: a step of no images
+    ({"grad_accum": 0}, "grad_accum must be at least 1 (got 0): use --set grad_accum=1"),  # a step of no images
+    ({"steps": 0}, "steps must be at least 1 (got 0): use --steps 1"),  # (its own flag, not --set)
     ({"truncation": "uniform", "k_min": 0, "k_max": 2}, "k_min must be at least 1 (got 0)"),  # K = 0: no gradient
     ({"lr": 0.0}, "lr must be positive"),  # trains nothing, in silence
     ({"truncation": "uniform", "sample_steps": 5, "k_min": 1, "k_max": 6}, "k_max=6 is larger than sample_steps=5"),

@@ -436,7 +436,8 @@ class Config:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): {fix}")
         for name in pos:
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+                fix = "--steps 1" if name == "steps" else f"--set {name}=1"  # (steps: its own flag, as given)
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use {fix}")
         for name, most, why in UPPER_BOUNDS:  # absurd sizes fail here: a plan or a start-up check would run for
             value = max(self.width, self.height) if name == "resolution" else getattr(self, name)  # hours or take
             if value > most:  # all memory on them
