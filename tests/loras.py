@@ -246,6 +246,7 @@ def trainer_at_step_0(cfg, prompts: list[str]):
     """A trainer set up to its first step as train sets it up (--init-lora's LoRA checked before the model loads):
     its ``generate`` renders the fixed-seed images of the grid's "before"."""
     from lowmem_alignprop.lora.init_lora import check_init_lora
+    from lowmem_alignprop.measure.resident_tensors import run_objects_only
     from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
@@ -253,7 +254,8 @@ def trainer_at_step_0(cfg, prompts: list[str]):
     trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
                                          cfg.lora_layers, cfg.base_quant) if cfg.init_lora else None)
     trainer.setup_accelerator()
-    trainer.load_models()
+    with run_objects_only():  # as a run loads: the load's memory measurement walks the run's objects, not the suite's
+        trainer.load_models()
     trainer.setup_sampling()
     return trainer
 

@@ -26,6 +26,7 @@ from loras import (ALPHA, RANK, card_image, card_renders_as_sample, each_of, exp
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 
@@ -888,7 +889,8 @@ def _images_at_step_0(base: Path, out: Path, *sets: str):
     trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components)
                           if cfg.init_lora else None)
     trainer.setup_accelerator()
-    trainer.load_models()
+    with run_objects_only():  # as a run loads (the load's measurement walks the run's objects, not the suite's)
+        trainer.load_models()
     trainer.setup_sampling()
     return trainer.generate(PROMPTS, 11)[0]
 

@@ -12,6 +12,7 @@ from loras import cpu_cfg, rendered, trainer_at_step_0
 from refusals import assert_refused, strict_rows
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
+from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.models.sampling import encode_prompts
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
@@ -735,7 +736,8 @@ def test_init_lora_of_an_sdxl_lora_starts_where_diffusers_own_loader_puts_it(lay
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
     trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
     trainer.setup_accelerator()
-    trainer.load_models()
+    with run_objects_only():  # as a run loads (the load's measurement walks the run's objects, not the suite's)
+        trainer.load_models()
     ours = unet_out(trainer.unet, xl=True)
     pipe = sdxl_lora["cls"].from_pretrained(str(sdxl_lora["base"]))
     pipe.load_lora_weights(str(spec))  # diffusers' own reader of either layout
