@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
-from lowmem_alignprop.settings.image_size import (EXAMPLE, image_sides, nearest_multiples, parse_resolution,
-                                                  resolution_of)
+from lowmem_alignprop.settings.image_size import (EXAMPLE, nearest_multiples, parse_sizes, resolution_of,
+                                                  sizes_of, step_size)
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, scheduler_prediction, vae_subfolder
@@ -130,10 +130,12 @@ class Config:
     eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
                         "then draws fresh noise, so rollouts of one prompt differ.")
-    resolution: int | str = _f(512, "Image size in pixels: one side N for N x N images, or width x height "
-                                      "(1216x832, 832x1216: as A1111 and kohya write it). Each side a multiple of 8 "
-                                      "(SD3/SD3.5 and FLUX.1: of 16, the pixels a transformer token covers; SD3.5 "
-                                      "Large: at most 3072).")
+    resolution: int | str | list = _f(512, "Image size in pixels: one side N for N x N images, or width x height "
+                                             "(1216x832, 832x1216: as A1111 and kohya write it). Each side a multiple "
+                                             "of 8 (SD3/SD3.5 and FLUX.1: of 16, the pixels a transformer token "
+                                             "covers; SD3.5 Large: at most 3072). Several sizes, comma-separated "
+                                             "(1024,1216x832,832x1216; at most 16): each step trains at the next in "
+                                             "turn; the sample grids, evaluation and best/ render at the first.")
     negative_prompt: str = _f("", "Negative prompt: the unconditional branch of classifier-free guidance in training, "
                               "the sample images, `sample` and `plan`. Empty: the empty prompt, and on SDXL zero "
                               "embeddings, as its pipeline does (force_zeros_for_empty_prompt in model_index.json).")
@@ -349,33 +351,62 @@ class Config:
         return self
 
     def __post_init__(self) -> None:
-        if isinstance(self.resolution, str):  # Config(resolution="512x512"), as --set and a profile give it: 512
-            try:
-                self.resolution = parse_resolution(self.resolution)
+        if isinstance(self.resolution, (str, list, tuple)):  # Config(resolution="512x512"), as --set and a profile
+            try:  # give it: 512; "1024,1216x832" or a list: each size's value
+                self.resolution = parse_sizes(self.resolution)
             except UserError:
                 pass  # (validate says what is wrong with it)
 
     @property
     def width(self) -> int:
-        """The images' width in pixels (``resolution``: N, or W of "WxH")."""
-        return image_sides(self.resolution)[0]
+        """The images' width in pixels (``resolution``: N, or W of "WxH"; several sizes: the first's)."""
+        return self.sizes[0][0]
 
     @property
     def height(self) -> int:
-        """The images' height in pixels (``resolution``: N, or H of "WxH")."""
-        return image_sides(self.resolution)[1]
+        """The images' height in pixels (``resolution``: N, or H of "WxH"; several sizes: the first's)."""
+        return self.sizes[0][1]
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each size the run trains at, in turn (settings/image_size.py): one for most runs."""
+        return sizes_of(self.resolution)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each size, as the models, rewards and decode take an image size."""
+        return [(height, width) for width, height in self.sizes]
+
+    def at_size(self, size: tuple[int, int]) -> "Config":
+        """This config with the one image size ``size`` (width, height): a step's (:meth:`at_step`), the planner's
+        largest. Itself where that is already its only size."""
+        value = resolution_of(*size)
+        return self if value == self.resolution else dataclasses.replace(self, resolution=value)
+
+    def at_step(self, step: int) -> "Config":
+        """This config at optimizer step ``step``'s image size (image_size.step_size): what the step's latents,
+        decode, reward and SDXL's size conditioning read."""
+        return self.at_size(step_size(self, step))
 
     def _validate_resolution(self) -> None:
-        """Each side at least 8 px and a multiple of 8 (an SD3/FLUX model's files may ask more: checked after)."""
-        width, height = image_sides(self.resolution)  # (a malformed value: its one line)
-        if min(width, height) < 8:
-            raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
-                            "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)" if width == height else
-                            f"resolution={self.resolution} is too small: each side 8 px or more, e.g. {EXAMPLE}")
-        if width % 8 or height % 8:
-            each = "" if width == height else " on each side"
-            raise UserError(f"resolution={self.resolution} must be a multiple of 8{each}: use --set resolution="
-                            f"{nearest_multiples(self.resolution, 8)[0]}")
+        """Each side at least 8 px, a multiple of 8 and within UPPER_BOUNDS' (an SD3/FLUX model's files may ask more:
+        checked after), each size of a list alike."""
+        for width, height in self.sizes:  # (a malformed value: its one line)
+            value = resolution_of(width, height)
+            most, why = next((most, why) for name, most, why in UPPER_BOUNDS if name == "resolution")
+            if max(width, height) > most:  # absurd sizes: a plan or a start-up check would run for hours
+                side, fix = ("", most) if width == height else (" on a side", resolution_of(min(width, most),
+                                                                                           min(height, most)))
+                raise UserError(f"resolution={value} is larger than {most}{side}, the most this tool takes ({why}): "
+                                f"use --set resolution={fix} or less")
+            if min(width, height) < 8:
+                raise UserError(f"resolution={value} is too small: use the model's size, e.g. --set "
+                                "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)" if width == height else
+                                f"resolution={value} is too small: each side 8 px or more, e.g. {EXAMPLE}")
+            if width % 8 or height % 8:
+                each = "" if width == height else " on each side"
+                raise UserError(f"resolution={value} must be a multiple of 8{each}: use --set resolution="
+                                f"{nearest_multiples(value, 8)[0]}")
         _check_flow_resolution(self)
 
     def _validate_decode(self) -> None:
@@ -417,7 +448,7 @@ class Config:
             v = getattr(self, f.name)
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
-        image_sides(self.resolution)  # a malformed size, e.g. "1216*832": its one line before any other
+        parse_sizes(self.resolution)  # a malformed size, e.g. "1216*832": its one line before any other
         self._validate_names()
         most = MAX_SEED if training else MAX_SAMPLE_SEED
         if not MIN_SEED <= self.seed <= most:
@@ -439,13 +470,9 @@ class Config:
                 fix = "--steps 1" if name == "steps" else f"--set {name}=1"  # (steps: its own flag, as given)
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use {fix}")
         for name, most, why in UPPER_BOUNDS:  # absurd sizes fail here: a plan or a start-up check would run for
-            value = max(self.width, self.height) if name == "resolution" else getattr(self, name)  # hours or take
-            if value > most:  # all memory on them
-                side, fix = "", most
-                if name == "resolution" and self.width != self.height:  # (the other side kept)
-                    side, fix = " on a side", resolution_of(min(self.width, most), min(self.height, most))
-                raise UserError(f"{name}={getattr(self, name)} is larger than {most}{side}, the most this tool takes "
-                                f"({why}): use --set {name}={fix} or less")
+            if name != "resolution" and getattr(self, name) > most:  # hours or take all memory on them (resolution:
+                raise UserError(f"{name}={getattr(self, name)} is larger than {most}, the most this tool takes "
+                                f"({why}): use --set {name}={most} or less")  # each size's, _validate_resolution)
         lo, hi = GLIBC_MMAP_KIB
         if self.cpu_malloc_threshold_kib and not lo <= self.cpu_malloc_threshold_kib <= hi:
             raise UserError(f"cpu_malloc_threshold_kib={self.cpu_malloc_threshold_kib} is outside glibc's range: use "
@@ -810,8 +837,8 @@ def coerce(name: str, value: Any) -> Any:
         hint = did_you_mean(name, FIELD_NAMES)  # (STEPS: as steps)
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
     t = field_types()[name]
-    if name == "resolution" and value is not None:  # N or "WxH"
-        return parse_resolution(value)
+    if name == "resolution" and value is not None:  # N or "WxH", or several: a list or "1024,1216x832"
+        return parse_sizes(value)
     if isinstance(value, str):
         s = value.strip()
         if t is bool:
@@ -1003,7 +1030,8 @@ def _check_flow_resolution(cfg: Config) -> None:
     from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry
 
     if (geometry := flow_geometry(cfg.model, cfg.model_components)) is not None:
-        check_flow_resolution(cfg.resolution, geometry)
+        for size in cfg.sizes:
+            check_flow_resolution(resolution_of(*size), geometry)
 
 
 def _truth(text: str) -> bool | None:
@@ -1078,6 +1106,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def flag_value(value: Any) -> str:
     """A field's value as ``--set key=value`` and a profile file write it (true/false for a bool)."""
+    if isinstance(value, list):  # several sizes: as --set takes them
+        return ",".join(flag_value(v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

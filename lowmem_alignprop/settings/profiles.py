@@ -162,9 +162,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
-            if key == "resolution" and isinstance(value_node, yaml.ScalarNode) and value_node.tag == _YAML_INT \
-                    and not _DECIMAL.fullmatch(value_node.value):
-                value_node.tag = _YAML_STR
+            sizes = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]  # (or a list's)
+            for size in sizes if key == "resolution" else ():
+                if isinstance(size, yaml.ScalarNode) and size.tag == _YAML_INT and not _DECIMAL.fullmatch(size.value):
+                    size.tag = _YAML_STR
         return super().construct_mapping(node, deep=deep)
 
 
@@ -354,7 +355,7 @@ def with_model_defaults(values: dict[str, Any], model: str, own: bool = False) -
     if over:  # e.g. a copy of `profiles cpu` (written for the tiny model): its 10 steps over the toy model's 20
         logging.getLogger("lowmem_alignprop").warning(
             "your profile sets %s over the %s model's own (%s): its lines win; delete them to keep the model's",
-            ", ".join(f"{k} {mine}" for k, (mine, _) in over.items()), shipped_name(model),
+            ", ".join(f"{k} {flag_value(mine)}" for k, (mine, _) in over.items()), shipped_name(model),
             ", ".join(f"{k} {theirs}" for k, (_, theirs) in over.items()))
     values = {**values, **defaults}
     if "sample_steps" in defaults:
