@@ -1649,7 +1649,7 @@ def test_each_micro_batch_draws_the_next_rollouts_of_a_shuffled_pass(tmp_path, m
     trainer.accelerator = SimpleNamespace(step=0, accumulate=lambda model: nullcontext(), num_processes=1,
                                           gather=lambda t: t, sync_gradients=False)
     trainer.unet_train, trainer.device, trainer.rank, trainer.rank_seed = None, "cpu", 0, 7
-    trainer.rng, trainer.rollout = random.Random(0), lambda: None
+    trainer.rng, trainer.rollout = random.Random(0), lambda cfg: None
     trainer.metrics_row = lambda *args: {}
     trainer.learning_rate = SimpleNamespace(at=lambda step: None)
     drawn = []

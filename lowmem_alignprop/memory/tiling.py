@@ -72,14 +72,16 @@ def cuts_images(size: int | tuple[int, int], tile_size: int, vae_scale: int) -> 
     return cuts_tiles(*latent_cells(size, vae_scale), tile_size)
 
 
-def untiled_note(tiled_decode: bool, size: int | tuple[int, int], tile_size: int, vae_scale: int,
-                 tile_overlap: int) -> str | None:
+def untiled_note(tiled_decode: bool, size: int | tuple[int, int] | list[tuple[int, int]], tile_size: int,
+                 vae_scale: int, tile_overlap: int) -> str | None:
     """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None. The
     tile size it names cuts the latents in two; with a ``tile_overlap`` that size refuses (under half a tile) it
-    names an overlap of a quarter tile too, so the fix it gives is one the run takes."""
-    if not tiled_decode or cuts_images(size, tile_size, vae_scale):
+    names an overlap of a quarter tile too, so the fix it gives is one the run takes. ``size``: a list of sizes (a
+    run of several): said where none is cut, of the one with the longest latent side."""
+    sizes = size if isinstance(size, list) else [size]
+    if not tiled_decode or any(cuts_images(one, tile_size, vae_scale) for one in sizes):
         return None
-    height, width = latent_cells(size, vae_scale)
+    height, width = max((latent_cells(one, vae_scale) for one in sizes), key=max)
     smaller = max(max(height, width) // 2, 1)
     fix = f"--set tile_size={smaller}"
     if not tile_overlap_fits(smaller, tile_overlap):

@@ -47,6 +47,11 @@ class UNetFamily:
                                       cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
                                       prompts=prompts)
 
+    def sized_embed(self, embed, cfg):
+        """The prompt embeddings a step at ``cfg``'s image size reads (several sizes a run): SDXL's size
+        conditioning (add_time_ids) is that size's, whatever size the encoder was made for."""
+        return functools.partial(embed, size=(cfg.height, cfg.width))
+
     def initial_latents(self, cfg, batch: int, generator, device):
         return sampling.initial_latents(batch, self.comps.unet, self.comps.vae, (cfg.height, cfg.width), generator,
                                         device)
@@ -83,8 +88,13 @@ class UNetFamily:
         from lowmem_alignprop.models.lora_metadata import lora_metadata
         save_with_kept(pipeline_class, out_dir, layers, lora_metadata(model.peft_config["default"]), kept or {})
 
+    native_cells = None  # the model's size in latent cells where its config has no sample_size
+
     def resolution_note(self, cfg) -> str | None:
-        return sampling.resolution_note(self.comps.unet, self.comps.vae, (cfg.height, cfg.width))
+        """A warning for each image size far from the model's own (several sizes: each said)."""
+        notes = (sampling.resolution_note(self.comps.unet, self.comps.vae, size, default_size=self.native_cells)
+                 for size in cfg.shapes)
+        return "; ".join(dict.fromkeys(note for note in notes if note)) or None
 
     def cut_prompts_note(self, cfg, prompts: list[str]) -> str | None:
         """Prompts longer than the text encoder reads (CLIP's 77 tokens), which the encoding cuts: said once."""
@@ -165,6 +175,9 @@ class FlowFamily(UNetFamily):
             if getattr(pipe, name, None) is not None:
                 setattr(pipe, name, None)  # diffusers records the component as (None, None) in the pipeline config
 
+    def sized_embed(self, embed, cfg):
+        return embed  # (a flow model's text conditioning does not depend on the image size)
+
     def _latent_size(self, cfg):
         return flow.latent_size(self.comps.vae, cfg.height, cfg.width, self.name)
 
@@ -210,9 +223,7 @@ class FlowFamily(UNetFamily):
         save_with_kept(pipeline_class, out_dir, layers, lora_metadata(bare.peft_config["default"], layers=layers),
                        kept or {}, denoiser="transformer")
 
-    def resolution_note(self, cfg) -> str | None:
-        # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)
-        return sampling.resolution_note(self.comps.unet, self.comps.vae, (cfg.height, cfg.width), default_size=128)
+    native_cells = 128  # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)
 
 
 class _OnDevice:
@@ -243,6 +254,7 @@ def check_supported(comps, cfg) -> None:
     resolution is a multiple of its token's pixels."""
     from lowmem_alignprop.settings.config import FLUX_NEGATIVE, no_t5_to_leave_out
     from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.settings.image_size import size_values
     from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry_of
 
     family = getattr(comps, "family", "unet")
@@ -252,7 +264,8 @@ def check_supported(comps, cfg) -> None:
         raise UserError(no_t5_to_leave_out(family == flow.FLUX))
     if family != "unet":  # (Config.validate checked it already where the model's files told)
         geometry = flow_geometry_of(family == flow.FLUX, dict(comps.unet.config), dict(comps.vae.config))
-        check_flow_resolution(cfg.resolution, (family, *geometry))  # (each side of a "WxH")
+        for value in size_values(cfg.resolution):  # (each side of a "WxH", each size of a list)
+            check_flow_resolution(value, (family, *geometry))
 
 
 def model_kind(comps) -> str:

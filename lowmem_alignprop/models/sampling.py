@@ -168,13 +168,18 @@ def encode_prompts(pipe, prompts: list[str], device, resolution: int | tuple[int
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
             negative_prompt=negative)
-        size = height_width(resolution)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = size_time_ids(pipe, resolution, cond.dtype, pipe.text_encoder_2.config.projection_dim)
         return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids.to(device).repeat(len(prompts), 1))
     cond, uncond = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=True, negative_prompt=negative)
     return PromptEmbeds(cond, uncond)
+
+
+def size_time_ids(pipe, resolution: int | tuple[int, int], dtype: torch.dtype, projection_dim: int) -> torch.Tensor:
+    """SDXL's size conditioning (add_time_ids) of images of ``resolution`` (a side, or (height, width)): its
+    pipeline's own, original_size = target_size = the size, no crop. [1, 6]."""
+    size = height_width(resolution)
+    return pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection_dim)
 
 
 HOST_CACHE_ABOVE = 256 * 2**20  # bytes of cached embeddings above which they wait in host memory
@@ -234,12 +239,24 @@ class PromptEncoder:
         self.pipe, self.place, self.device, self.resolution = pipe, place, device, resolution
         self.negative_prompt = negative_prompt
         self.encoders = (comps.text_encoder, comps.text_encoder_2)
+        # SDXL: the second text encoder's projection width, which its size conditioning's ids are checked against
+        # (kept: the encoder itself may be freed or offloaded when a step asks for another size's ids)
+        self.projection_dim = getattr(getattr(comps.text_encoder_2, "config", None), "projection_dim", None)
         self.caching = cache
         self.prompts = sorted(set(prompts))
         self.cache: dict[str, PromptEmbeds] = {}
         self.on_host = False  # the cache in host memory (a large prompt set)
 
-    def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
+    def __call__(self, batch_prompts: list[str], size: tuple[int, int] | None = None) -> PromptEmbeds:
+        """The batch's embeddings; ``size`` (height, width): a step's image size other than the encoder's (several
+        sizes a run): SDXL's size conditioning is then that size's, the text embeddings the same."""
+        emb = self._embeddings(batch_prompts)
+        if size is None or emb.time_ids is None or height_width(size) == height_width(self.resolution):
+            return emb
+        ids = size_time_ids(self.pipe, size, emb.time_ids.dtype, self.projection_dim)
+        return dataclasses.replace(emb, time_ids=ids.to(emb.time_ids.device).repeat(emb.time_ids.shape[0], 1))
+
+    def _embeddings(self, batch_prompts: list[str]) -> PromptEmbeds:
         if self.caching and not self.cache:
             self.place.to_device("text_encoder", *self.encoders)
             self.cache, self.on_host = encode_in_chunks(self.prompts, lambda part: encode_prompts(

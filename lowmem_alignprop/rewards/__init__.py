@@ -359,18 +359,19 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
     return resolved
 
 
-def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = None,
+def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | list[tuple[int, int]] | None = None,
                       prompts: list[str] | None = None, weights: str | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
-    ``resolution`` (a side, or the run's (height, width)), also call each user reward once on two random images of
-    that size (see :func:`probe_reward`) and refuse a toy reward at a non-square size (:func:`check_square_rewards`);
-    with ``weights`` (reward_weights; not for ``plan``, which reads no weights), the model rewards' local weight
-    files are found (:func:`clip_rewards.check_local_weights`)."""
+    ``resolution`` (a side, or the run's (height, width); a list of them: each size of a run of several), also call
+    each user reward once on two random images of each size (see :func:`probe_reward`) and refuse a toy reward at a
+    non-square size (:func:`check_square_rewards`); with ``weights`` (reward_weights; not for ``plan``, which reads
+    no weights), the model rewards' local weight files are found (:func:`clip_rewards.check_local_weights`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
     resolved = reward_terms(spec)
-    if resolution:
-        check_square_rewards(resolved, resolution)
-        if note := cropped_note(resolved, resolution):
+    sizes = resolution if isinstance(resolution, list) else [resolution] if resolution else []
+    for size in sizes:
+        check_square_rewards(resolved, size)
+        if note := cropped_note(resolved, size):  # (each non-square size's)
             logging.getLogger(__name__).warning("%s", note)
     if weights is not None:
         from .clip_rewards import check_local_weights
@@ -386,10 +387,11 @@ def check_reward_spec(spec: str, *, resolution: int | tuple[int, int] | None = N
                                                 "not train anything; drop it or give it a weight", name)
         if kind == "user":
             _import_user(name)
-            if resolution:
+            if sizes:
                 options = {"device": device, "dtype": torch.float32, "checkpointing": False, "weights": ""}
                 module = _user_reward(name, options)  # a class or factory that fails: one line naming the call
-                probe_reward(module.freeze().to(device), resolution, prompts)
+                for size in sizes:
+                    probe_reward(module.freeze().to(device), size, prompts)
 
 
 SQUARE_REWARDS = ("toy_clip", "toy_count")  # ConvTower resizes any image to 64x64: a wide one squeezed

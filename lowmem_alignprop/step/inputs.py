@@ -31,7 +31,7 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None, *, training: b
     cfg.check_installed()
     prompts = list(prompts) if prompts else load_prompts(cfg.prompts)
     # unknown, unimportable or broken; a model reward's weight file missing (not after minutes of model loading)
-    check_reward_spec(cfg.reward, resolution=(cfg.height, cfg.width), prompts=prompts, weights=cfg.reward_weights)
+    check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=prompts, weights=cfg.reward_weights)
     if resolve_model(cfg.model)[0] in ("arch", "flow_arch"):  # (missing paths fail here)
         logging.getLogger("lowmem_alignprop").warning(
             "--model %s is the architecture with random weights (for planning and memory benchmarks): its images are "

@@ -22,6 +22,7 @@ import torch
 
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, set_flags
+from lowmem_alignprop.settings.image_size import sizes_note, step_size
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
@@ -97,6 +98,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         for note in (schedule_note(cfg, point.step if point else 0, spent), renders_note(cfg)):  # e.g. an early
             if note and global_rank() == 0:  # stop this many steps cannot make (before any model loads)
                 log.warning("%s", note)
+        if (turns := sizes_note(cfg.resolution)) and global_rank() == 0:  # several sizes: which step at which
+            log.info("%s", turns)
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
         from lowmem_alignprop.toy.fidelity import off_grammar_note, unjudged_note
@@ -171,6 +174,15 @@ def limit_reached(limit: time_limit.TimeLimit, accelerator) -> bool:
         from lowmem_alignprop.run.distributed import rank_0_says
         stop = rank_0_says(accelerator, stop)
     return stop
+
+
+def step_size_figures(cfg: Config, step: int) -> dict:
+    """A step's metrics row's image size, ``width`` and ``height``, where the run trains at several sizes (one size:
+    none, the row as it was)."""
+    if len(cfg.sizes) == 1:
+        return {}
+    width, height = step_size(cfg, step)
+    return {"width": width, "height": height}
 
 
 def prompt_digest(prompts: list[str]) -> str:
@@ -360,6 +372,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
     def train_step(self, step: int) -> StepOutcome:
         """One optimizer step over grad_accum micro-batches: its metrics row, or what was not finite (skipped)."""
         cfg, acc = self.cfg, self.accelerator
+        rollout = self.rollout(cfg.at_step(step))  # several sizes: the step's, the same on every rank and micro-batch
         t0, rewards_all, ids_all, losses, ks, terms, lowest_all = time.perf_counter(), [], [], [], [], [], []
         update = StepUpdate()
         self.learning_rate.at(step)  # lr_scheduler's rate for this step (a retried or resumed step gets it again)
@@ -378,7 +391,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                 # into the LoRA only, then the VAE and reward parked; under a launcher a rollout's error reaches
                 # not_finite, where every rank hears of it and they stop together
                 mb = None  # the previous micro-batch's embeddings freed before this one's rollout
-                mb = micro_step(self.rollout(), batch_prompts, k=window.k, generator=g, check=self.not_finite,
+                mb = micro_step(rollout, batch_prompts, k=window.k, generator=g, check=self.not_finite,
                                 catch=acc.num_processes > 1, detached=window.detached)
                 terms.append(mb.terms)  # the loss's further terms (kl), for the metrics
                 if mb.bad:  # every rank skips together (DDP needs all backwards)
@@ -395,10 +408,12 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                             return StepOutcome(None, "the gradient norm", update)
         return StepOutcome(self.metrics_row(step, t0, rewards_all, ids_all, losses, ks, terms, update), None, update)
 
-    def rollout(self) -> Rollout:
-        """What a micro-batch runs through (training/train.py's models; step/micro.py runs it)."""
-        return Rollout(cfg=self.cfg, family=self.family, sample_unet=self.nograd_unet, train_unet=self.unet_train,
-                       scheduler=self.scheduler, vae=self.vae, reward=self.reward, place=self.place, embed=self.embed,
+    def rollout(self, cfg: Config) -> Rollout:
+        """What a micro-batch of a step at ``cfg``'s image size runs through (training/train.py's models; step/micro.py
+        runs it)."""
+        return Rollout(cfg=cfg, family=self.family, sample_unet=self.nograd_unet, train_unet=self.unet_train,
+                       scheduler=self.scheduler, vae=self.vae, reward=self.reward, place=self.place,
+                       embed=self.family.sized_embed(self.embed, cfg),
                        stage=self.guard.stage, device=self.device, autocast=self.accelerator.autocast,
                        backward=self.accelerator.backward)
 
@@ -531,6 +546,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         ks = by_micro_batch(acc.gather(torch.tensor(ks, device=self.device)), acc.num_processes)  # as the images are
         return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
+                **step_size_figures(self.cfg, step),  # several sizes: the step's width and height
                 # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison
                 "rewards": r_all.tolist(), "prompt_ids": torch.cat(ids_all).tolist(),
                 "k": ks[0] if len(set(ks)) == 1 else sum(ks) / len(ks), "k_all": ks,

@@ -16,6 +16,7 @@ from lowmem_alignprop.run.before_images import before_key, read_before, write_be
 from lowmem_alignprop.run.filenames import BEFORE_FILE, SAMPLES_DIR, step_grid_name
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.image_size import resolution_of
 from lowmem_alignprop.training.evaluation import EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, nonfinite_note, render_fixed_seed
 
 log = logging.getLogger("lowmem_alignprop")
@@ -110,8 +111,8 @@ class RunSamples:
             return
         if self.is_main:  # (under ZeRO-3 every rank renders them, together)
             log.info("sampling %d fixed-seed image%s before training (%s px, %d step%s; --set sample_prompts=0 skips "
-                     "it)", len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1), cfg.resolution,
-                     cfg.sample_steps, "s" * (cfg.sample_steps != 1))
+                     "it)", len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1),
+                     resolution_of(cfg.width, cfg.height), cfg.sample_steps, "s" * (cfg.sample_steps != 1))
         self.before = self.render_or_skip(self.render_samples, "rendering the sample images before training",
                                           "a smaller --set sample_prompts")
         if self.before is None:  # no grid during or after training either: each compares with these

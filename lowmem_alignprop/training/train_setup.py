@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop import rewards
-from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.config import Config, flag_value
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
@@ -172,7 +172,7 @@ class RunSetup:
                          len(self.embed.cache),
                          fmt_bytes(self.embed.nbytes()), where)
         self.unet, self.vae = comps.unet, comps.vae
-        untiled = untiled_note(cfg.tiled_decode, (cfg.height, cfg.width), cfg.tile_size, vae_scale_factor(self.vae),
+        untiled = untiled_note(cfg.tiled_decode, cfg.shapes, cfg.tile_size, vae_scale_factor(self.vae),
                                cfg.tile_overlap)
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
@@ -283,7 +283,8 @@ class RunSetup:
                 # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them; a run's outputs
                 # written again: its last step too (its before/after grid is sent again), sent again by fit()
                 kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
-            values = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            values = {k: flag_value(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()  # (several
+                      if isinstance(v, (int, float, str, bool, list))}  # sizes: as --set gives them, "1024,1216x832")
             tensorboard = cfg.report_to == "tensorboard"  # (its settings: record_hparams, below)
             if tensorboard and self.point is None and self.is_main and (gone := clear_earlier_start(self.out / "logs")):
                 log.info("logs/%s: removed an earlier start's TensorBoard files (it trained no step): %s",
