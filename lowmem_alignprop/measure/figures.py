@@ -11,6 +11,7 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.allowances import FIXED_SEGMENTS_BYTES_PER_512PX, GIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.measure.counters import TEXT_ENCODER, LiveBytes
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.image_size import largest_size
 
 
 @dataclass
@@ -127,8 +128,9 @@ def figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int
 
 def fragmentation_allowance(cfg: Config) -> int:
     """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area, width x height
-    over 512 x 512's (0 with expandable segments, the default)."""
-    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * cfg.width * cfg.height / 512 ** 2)
+    over 512 x 512's (several sizes: the largest's; 0 with expandable segments, the default)."""
+    width, height = largest_size(cfg.resolution)
+    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * width * height / 512 ** 2)
 
 
 def reserved(cfg: Config, allocated: int, cuda: bool) -> int:

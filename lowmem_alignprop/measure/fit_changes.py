@@ -11,7 +11,7 @@ from lowmem_alignprop.memory import precision  # its rule called through the mod
 from lowmem_alignprop.measure.meta_models import meta_base
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.image_size import lower_resolution
+from lowmem_alignprop.settings.image_size import describe_sizes, lower_resolution
 
 
 def decode_tiles(cfg: Config, target: str) -> bool:
@@ -22,7 +22,7 @@ def decode_tiles(cfg: Config, target: str) -> bool:
     from lowmem_alignprop.models.sampling import vae_scale_factor
 
     vae = meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
-    return cuts_images((cfg.height, cfg.width), cfg.tile_size, vae_scale_factor(vae))
+    return any(cuts_images(size, cfg.tile_size, vae_scale_factor(vae)) for size in cfg.shapes)  # (any size's)
 
 
 def has_model_reward(cfg: Config) -> bool:
@@ -92,8 +92,8 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
         accum = math.ceil(was / b)  # never fewer images per optimizer step
         same = f"the same {was} images per step" if b * accum == was else f"{b * accum} images per step, was {was}"
         out.append((f"batch {b} per micro-step, grad_accum {accum} ({same})", {"batch_size": b, "grad_accum": accum}))
-    if (r := lower_resolution(cfg.resolution)) is not None:  # (each side to 3/4, a multiple of 64, not under 256)
-        out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
+    if (r := lower_resolution(cfg.resolution)) is not None:  # (each side to 3/4, a multiple of 64, not under 256;
+        out.append((f"lower resolution {describe_sizes(r)} px (changes the task)", {"resolution": r}))  # each size)
     return [unmerged(cfg, description, change) for description, change in out]
 
 

@@ -52,6 +52,7 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, describe_k, host_memory_note, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.profiles import profile_note, profile_of_card, under_profile
+from lowmem_alignprop.settings.image_size import describe_sizes, largest_size
 from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
@@ -203,12 +204,13 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     t0 = time.perf_counter()
     notes: list[str] = []
     cuda = target == "cuda"
+    full, cfg = cfg, at_largest(cfg, notes)  # several sizes: the step at the largest, the peak that must fit
     k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
     dtype = precision.frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
 
     autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
-    comps, reward = _meta_models(cfg, sim, target, dtype, notes, autocast=autocast is not contextlib.nullcontext)
+    comps, reward = _meta_models(full, sim, target, dtype, notes, autocast=autocast is not contextlib.nullcontext)
     if (cut := family_for(comps).cut_prompts_note(cfg, prompts)):  # as training says it: prompts the encoder cuts
         notes.append(cut)
     # 3. fake storage for everything
@@ -305,6 +307,18 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     return est
 
 
+def at_largest(cfg: Config, notes: list[str] | None = None) -> Config:
+    """``cfg`` at its largest image size (the most pixels): a run of several sizes trains each in turn, and the
+    step at the largest is the peak that must fit; its time stands for every step's (an upper bound: one estimate,
+    not one per size), said in ``notes``. One size: ``cfg`` itself."""
+    largest = cfg.at_size(largest_size(cfg.resolution))
+    if largest is not cfg and notes is not None:
+        notes.append(f"image sizes {describe_sizes(cfg.resolution)}, one a step in turn: memory and time are the "
+                     f"step at the largest, {largest.resolution} px (the peak that must fit; the other sizes' "
+                     "steps need less memory and time)")
+    return largest
+
+
 def _encode_at_load_counted(parts: StepParts, place: Residency, cuda: bool):
     """:func:`encode_at_load` on the fake models, counted in the load stage: a GPU's device holds nothing but the
     text encoders the encoder brings and their activations (nothing with ``encode_on_cpu``: the cache too is in
@@ -385,7 +399,7 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
     off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)
-    untiled = untiled_note(cfg.tiled_decode, (cfg.height, cfg.width), cfg.tile_size, vae_scale_factor(comps.vae),
+    untiled = untiled_note(cfg.tiled_decode, cfg.shapes, cfg.tile_size, vae_scale_factor(comps.vae),
                            cfg.tile_overlap)
     if untiled:
         notes.append(untiled)

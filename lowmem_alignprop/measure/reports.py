@@ -7,6 +7,7 @@ from typing import Any
 
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
 from lowmem_alignprop.settings.config import TIME_LIMIT_MARGIN_S, Config, describe_k, flag_value, set_flags
+from lowmem_alignprop.settings.image_size import describe_sizes, largest_size, resolution_of, sizes_of
 from lowmem_alignprop.memory.stages import STAGES
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
@@ -70,6 +71,14 @@ def _least_needed(tried: list[dict], config: dict) -> list[str]:
             f"budget_gb of at least that, or lower what is trained (--set resolution, batch_size, {k})"]
 
 
+def sizes_line(resolution: Any) -> str:
+    """The plan's image size: ``1024 px``; several: each, and that the table is the largest's step."""
+    if len(sizes_of(resolution)) == 1:
+        return f"{resolution} px"
+    return (f"{describe_sizes(resolution)} px (a step at each in turn; the table and the time are the step at the "
+            f"largest, {resolution_of(*largest_size(resolution))})")
+
+
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
     from lowmem_alignprop.settings.model_kind import FLOW_KINDS, denoiser_component
@@ -81,7 +90,7 @@ def format_plan(r: dict[str, Any]) -> str:
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({'no autocast: fp32' if r['autocast'] == 'none' else r['autocast']})",
-        f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
+        f"  {sizes_line(cfg['resolution'])}, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
         f"{cfg['sample_steps']} steps, "
         + (f"lora (r={cfg['lora_rank']}{_layers(cfg)})" if cfg["train_unet"] == "lora" else "the full UNet trains")
         + f", {cfg['optimizer']}",
