@@ -49,6 +49,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.run.runlock import hold_folder
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.image_size import resolution_of
 from lowmem_alignprop.step.inputs import prepare_inputs
 from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_note
 
@@ -237,7 +238,8 @@ def _sampler(pipe, cfg) -> dict:
             "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
             # (flow models' Euler steps and pipelines have no eta, rescale or prediction type)
             **(ddim_settings(cfg, pipe.scheduler.config) if scheduler == "DDIM" else {}),
-            "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt}
+            "resolution": resolution_of(cfg.width, cfg.height),  # (a run of several sizes: its first, rendered)
+            "negative_prompt": cfg.negative_prompt}
 
 
 def _scores(cfg, reward, base_images: torch.Tensor, lora_images: torch.Tensor | None, flat_prompts: list[str],

@@ -20,8 +20,9 @@ from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce,
-                                              split_set)
+                                              flag_value, split_set)
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.image_size import resolution_of
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -99,13 +100,18 @@ def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
     return ""
 
 
+def _as_sets(taken: dict) -> list[str]:
+    """Recorded settings as ``--set`` items (several sizes as --set writes them: 64,64x32)."""
+    return [f"{k}={flag_value(v) if isinstance(v, list) else v}" for k, v in taken.items()]
+
+
 def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str, dict], given: set[str]) -> None:
     """The first LoRA's recorded model (where ``--model`` is not given) and its run's image settings, reward and
     prompts (those at hand here) not in ``given`` into ``args``, a hub id model_components or vae taken at the commit
     its run's parts came from (components_revision, vae_revision); another LoRA's run's other settings said."""
     taken = _with_pins(_usable(args, base[1], given), recorded_fingerprint(specs[0]), given)
-    args.set += [f"{k}={v}" for k, v in taken.items()]
-    settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
+    args.set += _as_sets(taken)
+    settings = "; as its run did: " + " ".join(_as_sets(taken)) if taken else ""
     if args.model is None:
         args.model = base[0]
         commit = trained_commit(recorded_fingerprint(specs[0]))  # a hub id's: the commit it trained on
@@ -143,11 +149,11 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
         # (a zero-SNR schedule is sampled with eta below 1; a header of an older export does not record the run's:
         # DDIM's deterministic 0)
         eta = taken.get("zero_terminal_snr") and "eta" not in given and "eta" not in taken and not args.recipe
-        args.set += [f"{k}={v}" for k, v in taken.items()] + (["eta=0"] if eta else [])
+        args.set += _as_sets(taken) + (["eta=0"] if eta else [])
         logger.info(
             "--lora %s has no base_model.json beside it: its header (%s) says its run sampled with %s, so this "
             "does%s (--set KEY=VALUE chooses)", specs[0].arg, ", ".join(dict.fromkeys(keys[k] for k in taken)),
-            " ".join(f"{k}={v}" for k, v in taken.items()),
+            " ".join(_as_sets(taken)),
             ", at eta=0 (the header does not say the run's; zero SNR needs one below 1)" if eta else "")
     say_other_runs(specs, settings, given)
 
@@ -197,10 +203,10 @@ def _take_merged(args: argparse.Namespace, given: set[str]) -> bool:
         return False
     (lora, settings), held = runs[-1], merged_record(model)
     taken = _usable(args, settings, given)
-    args.set += [f"{k}={v}" for k, v in taken.items()]
+    args.set += _as_sets(taken)
     whose = "its LoRA's run" if len(held) == 1 else f"the run of {lora}, the last LoRA merged into it" + (
         "," if lora == str(held[-1].get("lora")) else " whose run's settings are recorded,")
-    what = " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "(the command line sets each of its settings)"
+    what = " ".join(_as_sets(taken)) if taken else "(the command line sets each of its settings)"
     logger.info("--model %s is an export --merge (%s into %s): sampled as %s did: %s (--set KEY=VALUE chooses)", model,
                 fused_loras(held), _into(held), whose, what)
 
@@ -275,7 +281,7 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
     elif not request.specs and not request.merged_run and (held := merged_record(cfg.model)):  # (none recorded)
         logger.info("--model %s is an export --merge (%s into %s): its LoRA's run's settings are not recorded, so it "
                     "renders with this command's (%s px, %d steps, guidance %g); sample LORA --model BASE renders as "
-                    "that run did", cfg.model, fused_loras(held), _into(held), cfg.resolution,
+                    "that run did", cfg.model, fused_loras(held), _into(held), resolution_of(cfg.width, cfg.height),
                     cfg.sample_steps, cfg.guidance_scale)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,

@@ -23,11 +23,12 @@ from lowmem_alignprop.lora.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_LAYE
                                                     comfy_encoder_refusal, diffusers_parts, every_alpha_folded,
                                                     first_changed, left_out_refusal, lora_suffix, unchanged_layer,
                                                     weight_difference_refusal)
-from lowmem_alignprop.lora.model_card import is_hub_id, num, run_info, trained_size
+from lowmem_alignprop.lora.model_card import images_per_size, is_hub_id, num, run_info, trained_size
 from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote, quote_name
+from lowmem_alignprop.settings.image_size import sizes_of
 
 PEFT_PREFIX = "base_model.model."
 
@@ -169,6 +170,7 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
             meta["alignprop_final_reward_steps"] = str(info["reward_window"])  # reward_window; reward_steps: all)
     if (size := trained_size(info)) is not None:  # the trained size, as sd-scripts writes it: (width, height)
         meta["ss_resolution"] = f"({size[0]}, {size[1]})"
+        meta.update(bucket_metadata(info))
     meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta[HEADER_PREDICTION] = str(info["prediction_type"])
@@ -193,6 +195,17 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta[KOHYA_ZERO_SNR] = str(zero_terminal_snr(lora))
     meta.update(model_spec(lora, info, stem, version=version))
     return meta
+
+
+def bucket_metadata(info: dict) -> dict[str, str]:
+    """A run of several sizes as sd-scripts writes an aspect-ratio-bucketed one: ``ss_enable_bucket`` and
+    ``ss_bucket_info`` (each size's ``resolution`` [width, height] and ``count``, the images it trained on, by
+    model_card.images_per_size); ss_resolution and modelspec.resolution say the first size. One size: none."""
+    if len(sizes_of(info["resolution"])) == 1:
+        return {}
+    buckets = {str(i): {"resolution": list(size), "count": count}
+               for i, (size, count) in enumerate(images_per_size(info).items())}
+    return {"ss_enable_bucket": "True", "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0})}
 
 
 def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: bool | None = None,

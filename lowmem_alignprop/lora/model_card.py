@@ -21,7 +21,7 @@ from lowmem_alignprop.run.resume_rules import REPLACED
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import HUB_PINS, describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.image_size import image_sides
+from lowmem_alignprop.settings.image_size import describe_sizes, resolution_of, sizes_of
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -417,7 +417,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     rows = [("base model", base_row(lora, into, names)), *part_rows(lora, pins, names),
             ("reward", reward),
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
-            ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
+            ("resolution", resolution_row(info)),
             ("objective", objective(info))]
     if (processes := processes_row(info)) is not None:  # (the command below is each process's)
         rows.append(("processes", processes))
@@ -740,11 +740,47 @@ def layer_kinds(layers: int, targets: list[str]) -> str:
 
 
 def trained_size(info: dict) -> tuple[int, int] | None:
-    """(width, height) in pixels of the run's ``resolution`` (config.yaml's: N or "WxH"); None where it has none."""
+    """(width, height) in pixels of the run's ``resolution`` (config.yaml's: N or "WxH"; several sizes: the first,
+    which its sample images have); None where it has none."""
     try:
-        return image_sides(info["resolution"]) if info.get("resolution") is not None else None
+        return sizes_of(info["resolution"])[0] if info.get("resolution") is not None else None
     except UserError:  # (a hand-edited config.yaml: the metadata leaves it out)
         return None
+
+
+def resolution_row(info: dict) -> str | None:
+    """The card's resolution row: the size, or each size of a run of several, the one its sample images have."""
+    if not info.get("resolution"):
+        return None
+    try:
+        sizes = sizes_of(info["resolution"])
+    except UserError:  # (a hand-edited config.yaml: as written)
+        return f"{info['resolution']} px"
+    if len(sizes) == 1:
+        return f"{info['resolution']} px"
+    return (f"{describe_sizes(info['resolution'])} px, one a step in turn (the sample images at "
+            f"{resolution_of(*sizes[0])})")
+
+
+def images_per_size(info: dict) -> dict[tuple[int, int], int]:
+    """The images each size of a run of several trained on (width, height) -> count, over its steps (each stretch's
+    images per optimizer step, :func:`images_per_step`; the sizes of its last start)."""
+    steps, sizes = int(info.get("steps") or 0), sizes_of(info["resolution"])
+    starts = sorted({1, *(int(r["step"]) for r in info.get("resume_changes") or [] if isinstance(r, dict)
+                          and 1 < int(r.get("step", 0)) <= steps)})
+    processes = process_counts(info)
+    counts = dict.fromkeys(sizes, 0)
+    for first, end in zip(starts, [*starts[1:], steps + 1]):
+        n = next((count for step, count in reversed(processes) if step <= first), 1)
+        each = images_per_step(info, first, n, info)
+        for index, size in enumerate(sizes):  # the steps s of [first, end) with (s - 1) % len(sizes) == index
+            counts[size] += each * (_steps_at(end - 1, index, len(sizes)) - _steps_at(first - 1, index, len(sizes)))
+    return counts
+
+
+def _steps_at(last: int, index: int, n: int) -> int:
+    """How many of steps 1..``last`` train at the ``index``-th of ``n`` sizes (image_size.step_size's turn)."""
+    return (last - 1 - index) // n + 1 if last - 1 >= index else 0
 
 
 def with_run_call(usage: list[str], info: dict[str, Any], flow: bool, vae_revision: str = "") -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runlock import global_rank, world_size
-from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
+from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, flag_value
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.paths import read_user_text
 
@@ -146,8 +146,8 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         f"trained with; leave {'it' if len(unused) == 1 else 'them'} out, or give --steps above "
                         f"{state['step']} to train on with {'it' if len(unused) == 1 else 'them'}")
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
-        log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
-                    CHANGE_NOTES.get(n, ""))
+        was, now = (flag_value(v) if isinstance(v, list) else v for v in (saved[n], getattr(cfg, n)))  # (sizes)
+        log.warning("resume: %s was %r in the checkpoint, now %r%s", n, was, now, CHANGE_NOTES.get(n, ""))
 
 
 def changed_fields(saved: dict[str, Any], cfg) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowmem_alignprop.settings.image_size import image_sides
+from lowmem_alignprop.settings.image_size import sizes_of
 
 # metrics.jsonl's keys to tracker groups (TensorBoard and wandb group a tag's charts by the part before its first /):
 # a tag is GROUP/KEY with KEY the metrics.jsonl key as written; the first prefix that matches decides, else train/
@@ -62,7 +62,7 @@ def hparam_columns(values: dict) -> dict:
     a number and a text a text column ("512.0" beside "1216x832": unsortable by size, no range filter)."""
     if "resolution" not in values:
         return dict(values)
-    width, height = image_sides(values["resolution"])
+    width, height = sizes_of(values["resolution"])[0]  # (several sizes: the first, the sample images')
     columns = {}
     for key, value in values.items():
         columns.update({"width": width, "height": height} if key == "resolution" else {key: value})
