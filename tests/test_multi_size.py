@@ -188,10 +188,14 @@ def runs(tmp_path_factory, _isolated_cache):
 
 def test_each_step_trains_at_its_size_and_the_renders_at_the_first(runs):
     """The decode before training and after it (the sample grid) is at the first size; step s's at sizes[(s-1) % 3];
-    the metrics rows say each step's width and height."""
+    the metrics rows say each step's width and height (docs/outputs.md's keys)."""
+    from outputs_doc import DOC, documented_keys, undocumented
+
     full, _, _, shapes = runs
     assert shapes["full"] == [SHAPES[0], *SHAPES, SHAPES[0]]
-    assert [(r["width"], r["height"]) for r in strict_rows(full)] == [(64, 64), (64, 32), (32, 64)]
+    rows = strict_rows(full)
+    assert [(r["width"], r["height"]) for r in rows] == [(64, 64), (64, 32), (32, 64)]
+    assert undocumented(rows[1], documented_keys(DOC.read_text(encoding="utf-8"))["metrics.jsonl"]) == []
     assert yaml.safe_load((full / "config.yaml").read_text())["resolution"] == [64, "64x32", "32x64"]
 
 
