@@ -329,7 +329,7 @@ def test_a_flow_models_shift_follows_each_steps_size_as_its_pipelines(tmp_path_f
     pipe.set_progress_bar_config(disable=True)
     ours_sigmas, set_timesteps = [], flow.set_flow_timesteps
     monkeypatch.setattr(flow, "set_flow_timesteps", lambda scheduler, *a, **kw: (
-        out := set_timesteps(scheduler, *a, **kw), ours_sigmas.append(scheduler.sigmas.clone()))[0])
+        set_timesteps(scheduler, *a, **kw), ours_sigmas.append(scheduler.sigmas.clone()))[0])
     for step, (width, height) in ((1, (64, 32)), (2, (64, 64))):
         _at_step(trainer, cfg, step)
         ours = trainer.generate(PROMPTS, SEEDS)[0]
