@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, is_peft_folder, not_a_lora
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.hub import few, snapshot_of
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
@@ -26,7 +27,6 @@ from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 _HUB_FILE = re.compile(r"([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)")
 # owner/name@REV[/path/file.safetensors]: at a revision (a branch, tag or commit), as other tools name one
 _AT_REVISION = re.compile(r"([\w.-]+/[\w.-]+)@([\w.-]+)(?:/((?:[\w.-]+/)*[\w.-]+\.safetensors))?")
-SHOWN = 4  # the files a line lists at most
 MODEL_INDEX = "model_index.json"  # (a diffusers pipeline's, at its repository's root)
 
 
@@ -59,7 +59,7 @@ class HubLora:
     @property
     def snapshot(self) -> Path:
         """The cache's snapshot folder (named by the commit) that holds it."""
-        return _snapshot(self.path, self.file)
+        return snapshot_of(self.path, self.file)
 
 
 def hub_lora_id(spec: str) -> tuple[str, str, str] | None:
@@ -113,19 +113,15 @@ def choose_file(repo: str, files: list[str], what: str, spec: str) -> str:
         return LORA_WEIGHT_NAME if LORA_WEIGHT_NAME in root else root[0]
     if root:
         raise UserError(f"{what} {spec}: the hub repository {repo} holds {len(root)} .safetensors files at its root "
-                        f"and none is diffusers' {LORA_WEIGHT_NAME} ({_few(root)}): name the one you mean, e.g. "
+                        f"and none is diffusers' {LORA_WEIGHT_NAME} ({few(root)}): name the one you mean, e.g. "
                         f"{what} {repo}/{root[0]}")
     deeper = sorted(f for f in files if f.endswith(".safetensors"))
     if deeper:
         raise UserError(f"{what} {spec}: the hub repository {repo} holds no .safetensors file at its root, "
-                        f"{len(deeper)} below it ({_few(deeper)}): name the one you mean, e.g. {what} "
+                        f"{len(deeper)} below it ({few(deeper)}): name the one you mean, e.g. {what} "
                         f"{repo}/{deeper[0]}")
     raise UserError(f"{what} {spec}: the hub repository {repo} holds no .safetensors file: pass a LoRA in "
                     "safetensors (diffusers, kohya or peft layout)")
-
-
-def _few(files: list[str]) -> str:
-    return ", ".join(files[:SHOWN]) + (f" and {len(files) - SHOWN} more" if len(files) > SHOWN else "")
 
 
 _FETCHED: dict[tuple[str, str, str, str], HubLora] = {}  # one request a process for each LoRA (its checks read it
@@ -153,9 +149,8 @@ def fetch_hub_lora(repo: str, file: str, revision: str, what: str, spec: str, ta
 
 def _download(repo: str, file: str, revision: str, what: str, spec: str, takes: str = "") -> HubLora:
     import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from lowmem_alignprop.run.hub import hub_message
+    from lowmem_alignprop.run.hub import hub_message, refused_by_hub
 
     at = {"revision": revision} if revision else {}
     try:
@@ -164,7 +159,7 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str, takes: 
         if chosen not in files:
             listed = sorted(f for f in files if f.endswith(".safetensors"))
             raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
-                            + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
+                            + (f"; its .safetensors files: {few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
         # the file's header first: a full checkpoint named as a LoRA is refused before gigabytes download
         if refusal := _header_refusal(repo, chosen, at, what, spec, takes):
@@ -175,21 +170,10 @@ def _download(repo: str, file: str, revision: str, what: str, spec: str, takes: 
                 huggingface_hub.hf_hub_download(repo, record, **at)  # config (its alpha)
     except UserError:
         raise
-    except RevisionNotFoundError:
-        raise UserError(f"{what} {spec}: the hub repository {repo} has no revision {revision} (no such branch, tag or "
-                        f"commit): check it on https://huggingface.co/{repo}/commits/main, or leave @{revision} out "
-                        "to read main") from None
-    except GatedRepoError:  # (a RepositoryNotFoundError too)
-        raise UserError(f"{what} {spec}: the Hugging Face hub repository {repo} is gated: accept its conditions on "
-                        f"https://huggingface.co/{repo}, then log in here with that account (`hf auth login`, or set "
-                        "HF_TOKEN); or pass a local copy of the LoRA") from None
-    except RepositoryNotFoundError:  # (the hub answers a private one so, without a token of its owner's)
-        raise UserError(f"{what} {spec}: no such file or folder here, nor a repository {repo} on the Hugging Face hub "
-                        "(or a private one this machine is not logged in to: `hf auth login`): check the path, or the "
-                        "hub id") from None
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's: a failed request
-        raise UserError(hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
-    return HubLora(repo, chosen, _snapshot(path, chosen).name, path, spec.strip())
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's: a refusal, a failed request
+        raise UserError(refused_by_hub(e, f"{what} {spec}", repo, revision)
+                        or hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
+    return HubLora(repo, chosen, snapshot_of(path, chosen).name, path, spec.strip())
 
 
 def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str, takes: str = "") -> str | None:
@@ -211,16 +195,11 @@ def _header_refusal(repo: str, file: str, at: dict, what: str, spec: str, takes:
 def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> HubLora:
     """Without network: the LoRA from the cache's snapshot of ``revision`` ("": main; a commit, or a branch or tag
     the cache recorded: what ``hf download [--revision REV]`` put there)."""
-    from huggingface_hub import snapshot_download
+    from lowmem_alignprop.run.hub import cached_files, download_hint
 
-    from lowmem_alignprop.run.hub import download_hint
-
-    try:
-        snapshot = Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or no valid id: either is not here
-        snapshot = None
+    cached = cached_files(repo, revision)
+    snapshot, files = cached if cached is not None else (None, [])
     if snapshot is not None:
-        files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
         chosen = file or choose_file(repo, files, what, spec)
         if (snapshot / chosen).is_file():
             return HubLora(repo, chosen, snapshot.name, snapshot / chosen, spec.strip())
@@ -229,7 +208,7 @@ def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> Hu
     at = f" at revision {revision}" if revision else ""
     if snapshot is not None:  # the repository is cached, without the file named (a typo, or a part never fetched)
         held = [f for f in files if f.endswith(".safetensors")]
-        listed = f"its .safetensors files: {_few(held)}" if held else "no .safetensors file"
+        listed = f"its .safetensors files: {few(held)}" if held else "no .safetensors file"
         raise UserError(f"{what} {spec}: no such file or folder here, and the local hub cache holds {repo}{at} "
                         f"without {file} ({listed}) while the hub cannot be reached (no network, or HF_HUB_OFFLINE "
                         f"set): name one of those, or {hint}")
@@ -240,11 +219,6 @@ def _from_cache(repo: str, file: str, revision: str, what: str, spec: str) -> Hu
 def _beside(file: str, name: str) -> str:
     parent = PurePosixPath(file).parent
     return name if str(parent) == "." else f"{parent}/{name}"
-
-
-def _snapshot(path: Path, file: str) -> Path:
-    """The snapshot folder (named by its commit) that holds ``file`` at ``path``."""
-    return path.parents[len(PurePosixPath(file).parts) - 1]
 
 
 def hub_lora(spec: str, what: str, takes: str = "") -> HubLora | None:

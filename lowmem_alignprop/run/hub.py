@@ -43,6 +43,63 @@ def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DI
             "or pass a local directory")
 
 
+SHOWN = 4  # the files a line lists at most
+
+
+def few(names: list[str], shown: int = SHOWN) -> str:
+    """The first ``shown`` of ``names`` and how many more, for a line: 'a, b, c, d and 3 more'."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def hub_page(repo: str, repo_type: str = "model") -> str:
+    """A hub repository's page: https://huggingface.co/OWNER/NAME (a dataset's: .../datasets/OWNER/NAME)."""
+    return f"https://huggingface.co/{'' if repo_type == 'model' else repo_type + 's/'}{repo}"
+
+
+def refused_by_hub(error: Exception, said: str, repo: str, revision: str = "", repo_type: str = "model",
+                   copy: str = "the LoRA") -> str | None:
+    """The line for the hub's refusal of a request about ``repo`` (``said``: how the line starts, the option and the
+    value given): no such revision, a gated repository (``copy``: what a local copy would be of), no such repository
+    (or a private one); None for another error. A model's id may be a local path mistyped: its line says both."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    noun, page = "repository" if repo_type == "model" else repo_type, hub_page(repo, repo_type)
+    if isinstance(error, RevisionNotFoundError):
+        return (f"{said}: the hub {noun} {repo} has no revision {revision} (no such branch, tag or commit): check it "
+                f"on {page}/commits/main, or leave @{revision} out to read main")
+    if isinstance(error, GatedRepoError):  # (a RepositoryNotFoundError too)
+        return (f"{said}: the Hugging Face hub {noun} {repo} is gated: accept its conditions on {page}, then log in "
+                f"here with that account (`hf auth login`, or set HF_TOKEN); or pass a local copy of {copy}")
+    if isinstance(error, RepositoryNotFoundError):  # (the hub answers a private one so, without its owner's token)
+        where = "no such file or folder here, nor a repository" if repo_type == "model" else f"no {noun}"
+        return (f"{said}: {where} {repo} on the Hugging Face hub (or a private one this machine is not logged in to: "
+                "`hf auth login`): " + ("check the path, or the hub id" if repo_type == "model" else
+                                        f"check its name on {page}"))
+    return None
+
+
+def cached_files(repo: str, revision: str = "", repo_type: str = "model") -> tuple[Path, list[str]] | None:
+    """The local hub cache's snapshot of ``repo`` at ``revision`` ("": main; a commit, or a branch or tag the cache
+    recorded: what ``hf download [--revision REV]`` put there) and the paths of its files; None where it holds
+    none."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo, repo_type=repo_type, revision=revision or None,
+                                          local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or no valid id: either is not here
+        return None
+    return snapshot, sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+
+
+def snapshot_of(path: Path, file: str) -> Path:
+    """The hub cache's snapshot folder (named by its commit) that holds ``file`` (its path in the repository) at
+    ``path``."""
+    from pathlib import PurePosixPath
+
+    return path.parents[len(PurePosixPath(file).parts) - 1]
+
+
 def offline() -> bool:
     """True when hub ids can only come from the local cache: offline by setting, or the endpoint is unreachable
     (huggingface_hub is then put in offline mode for the rest of the process, and the reason logged once)."""
