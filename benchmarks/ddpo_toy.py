@@ -287,9 +287,9 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
     load_start = _load()
     cfg = toy_config()
     ddpo = DDPOSettings.for_toy(cfg.lr, cfg.batch_size)
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
-    prompts = load_prompts(cfg.prompts)
+    prompts = configured_prompts(cfg)
     ap_points, dd_points = plan.save_points(plan.steps, plan.every), plan.save_points(plan.epochs, plan.epochs_every)
     same_steps = plan.steps // (ddpo.images_per_epoch // ddpo.train_batch)  # DDPO's epoch with AlignProp's updates
     dd_points = sorted({*dd_points, *([same_steps] if 0 < same_steps <= plan.epochs else [])})

@@ -82,7 +82,7 @@ def _profile(tmp_path, text):
                          "Windows-1252: '\xe9'); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"),
     ("prompts_of_nul_bytes", "line 2 holds the control character '\\x00': it is not a text file of prompts"),
     ("prompts_missing", "does not exist"),
-    ("prompts_as_json", "p.json is a JSON file by its name: a prompt file is plain text, one prompt per line"),
+    ("prompts_as_yaml", "p.yaml is a YAML file by its name: a prompt file is plain text, one prompt per line"),
     ("prompts_as_python", "gen.py is a Python file by its name"),
     ("prompt_set_near_miss", "unknown prompt set 'Toy_Pairs' (did you mean toy-pairs?)"),
     ("reward_not_importable", "no_such_module_xyz"),
@@ -132,9 +132,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--prompts", str(bad)]
     elif case == "prompts_missing":
         args += ["--prompts", str(tmp_path / "nope.txt")]
-    elif case == "prompts_as_json":  # it trained on the one prompt '["a cat", "a dog"]' in silence
-        (tmp_path / "p.json").write_text('["a cat", "a dog"]\n')
-        args += ["--prompts", str(tmp_path / "p.json")]
+    elif case == "prompts_as_yaml":  # it trained on the one prompt 'prompts: [a cat, a dog]' in silence
+        (tmp_path / "p.yaml").write_text("prompts: [a cat, a dog]\n")
+        args += ["--prompts", str(tmp_path / "p.yaml")]
     elif case == "prompt_set_near_miss":
         args += ["--prompts", "Toy_Pairs"]
     elif case == "prompts_as_python":  # a prompt generator (none is supported): its source lines were the prompts

@@ -14,7 +14,7 @@ from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.measure.reports import format_fastest, format_plan
 from lowmem_alignprop.rewards import check_reward_spec
 from lowmem_alignprop.step.inputs import check_tracker
-from lowmem_alignprop.step.prompts import load_prompts
+from lowmem_alignprop.step.prompts import configured_prompts
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -28,7 +28,7 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
-    check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=load_prompts(cfg.prompts))
+    check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=configured_prompts(cfg))
     if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
         from lowmem_alignprop.lora.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
                                                          other_sampler)

@@ -19,8 +19,8 @@ from lowmem_alignprop.lora.lora_merge import held_in, merged_into, refuse_held_l
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.run.merged_models import merged_record
-from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce,
-                                              flag_value, split_set)
+from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, PROMPT_READING, TRAINING_ONLY, UNCONDITIONAL_USES,
+                                              coerce, flag_value, split_set)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import resolution_of
 
@@ -55,6 +55,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
+    given |= set(PROMPT_READING) if "prompts" in given else set()  # (the run's column or filter: of its own table)
     if not specs:  # the model alone: the profile's settings (the command line's win); a merged one: its LoRA's run's
         named, merged = args.model is not None or "model" in given, _take_merged(args, given)
         return SampleRequest([], own, _numbered(args, given), "", model_named=named, merged_run=merged)

@@ -545,9 +545,9 @@ def _run_prompts(run: Path) -> list[str]:
     """The prompts an AlignProp run trained on (its config.yaml's ``prompts``: a built-in set or a file)."""
     import yaml
 
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
-    return load_prompts(yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))["prompts"])
+    return configured_prompts(yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")))
 
 
 @torch.no_grad()

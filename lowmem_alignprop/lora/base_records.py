@@ -15,10 +15,10 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE
 from lowmem_alignprop.run.merged_models import merged_record
-from lowmem_alignprop.settings.config import image_settings, scoring_settings
+from lowmem_alignprop.settings.config import PROMPT_READING, image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name
-from lowmem_alignprop.step.prompts import load_prompts
+from lowmem_alignprop.step.prompts import configured_prompts
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -65,14 +65,14 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
     defaults score instead."""
     kept = dict(taken)
     checks = {"reward": lambda: rewards.check_reward_spec(taken["reward"], weights=taken.get("reward_weights", "")),
-              "prompts": lambda: load_prompts(taken["prompts"])}
+              "prompts": lambda: configured_prompts(taken)}
     for key, check in checks.items():
         if key not in taken:
             continue
         try:
             check()
         except UserError as e:
-            drop = ("reward", "reward_weights") if key == "reward" else (key,)
+            drop = ("reward", "reward_weights") if key == "reward" else (key, *PROMPT_READING)
             kept = {k: v for k, v in kept.items() if k not in drop}
             log.warning(
                 "the LoRA's run was scored with %s=%s, not at hand here (%s): the default %s instead (--%s chooses)",

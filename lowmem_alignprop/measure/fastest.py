@@ -419,7 +419,7 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
 
 def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: bool, max_estimates: int,
              log: Callable[[str], None] | None, pool: _Workers | None) -> dict[str, Any]:
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
     started = time.perf_counter()
     target = target or planner.default_target(profile, cfg.card)
@@ -431,7 +431,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     if device is None:
         raise UserError("--fastest needs the card's speed figures: --set card="
                         + "|".join(name for name in DEVICES if name != "cpu"))
-    prompts = load_prompts(cfg.prompts)
+    prompts = configured_prompts(cfg)
     search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool)
     images = cfg.batch_size * cfg.grad_accum
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})

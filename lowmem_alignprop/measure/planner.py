@@ -152,11 +152,11 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     ``emulate_autocast=False`` runs a CUDA target's step without autocast (frozen modules purely in their own
     dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost.
     Inside :func:`reuse_estimates` a configuration estimated before is not estimated again (a copy is returned)."""
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"target device must be cuda or cpu, not {target!r}")
-    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    prompts = prompts if prompts is not None else configured_prompts(cfg)
     key = _memo_key(cfg, target, prompts, emulate_autocast)
     if not _REUSED:
         return _estimate_or_cached(cfg, target, prompts, emulate_autocast, key)
@@ -595,7 +595,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there). ``command``:
     the command line that asked (default: this Python program's), in the result's provenance (``command``, ``date``,
     ``device``: the machine that planned, ``versions``)."""
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
     started = time.perf_counter() if started is None else started
 
@@ -606,7 +606,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
                         "--set base_quant")
-    prompts = load_prompts(cfg.prompts)
+    prompts = configured_prompts(cfg)
     try:
         est = estimate(cfg, target=target, prompts=prompts)
     except UserError as e:  # a setting of a profile made for other models: that first (FLUX.1's block swap on toy)

@@ -108,12 +108,12 @@ def _measure_cpu_step(cfg: Config, prompts: list[str] | None, timed_steps: int, 
     from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker
     from lowmem_alignprop.measure.profiler import StageProfiler
     from lowmem_alignprop.measure.resident_tensors import resident_bytes
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
     from lowmem_alignprop.memory.block_swap import install
     from lowmem_alignprop.models.family import family_for
     from lowmem_alignprop.rewards import build_reward
 
-    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    prompts = prompts if prompts is not None else configured_prompts(cfg)
     cpu = torch.device("cpu")
     torch.manual_seed(cfg.seed)
     comps = load_components(cfg, torch.float32)

@@ -180,12 +180,13 @@ def nograd_images(cfg: Config, prompts: list[str]) -> dict[str, int]:
     held-out evaluation (eval_every's steps and the last, eval_on_start) and the toy world's judged images (before,
     at fidelity_every's steps, after)."""
     from lowmem_alignprop.run.schedule import due_after
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
     from lowmem_alignprop.toy.fidelity import judged_prompts
 
     grids = 1 + (due_after(cfg.sample_every, cfg.steps, 0) if cfg.sample_every else 1)  # (the last step's: after)
     evaluations = due_after(cfg.eval_every, cfg.steps, 0) + bool(cfg.eval_on_start) if cfg.eval_every else 0
-    held_out = (len(load_prompts(cfg.eval_prompts)) if cfg.eval_prompts else cfg.eval_holdout) if evaluations else 0
+    held_out = (len(configured_prompts(cfg, "eval_prompts")) if cfg.eval_prompts else cfg.eval_holdout) \
+        if evaluations else 0
     judged = len(judged_prompts(cfg.model, prompts, cfg.fidelity_images))
     return {"sample_grid": cfg.sample_prompts * grids, "evaluation": held_out * evaluations,
             "judged": judged * (2 + (cfg.steps // cfg.fidelity_every if cfg.fidelity_every else 0))}

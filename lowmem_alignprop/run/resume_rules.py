@@ -30,8 +30,8 @@ FREE_FIELDS = ("steps", "max_minutes", "output_dir", "checkpoint_every", "log_ev
 # image settings but where the model's parts lie) and how it learned from them; a resume that only writes a finished
 # run's outputs again takes no change of them (an output's, such as export_format or push_to_hub, it does)
 TRAINED_WITH = frozenset(RUN_IMAGE_SETTINGS).difference({"model_components"}) | frozenset((
-    "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "lr_scheduler", "lr_warmup_steps",
-    "weight_decay", "max_grad_norm", "optimizer",
+    "reward", "reward_weights", "prompts", "prompt_column", "prompt_filter", "prompt_order", "seed", "lr",
+    "lr_scheduler", "lr_warmup_steps", "weight_decay", "max_grad_norm", "optimizer",
     "batch_size", "grad_accum", "truncation", "k", "k_min", "k_max", "loss_scale", "reward_target", "reward_cap",
     "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "mixed_precision", "base_quant", "recipe"))
 

@@ -105,7 +105,13 @@ class Config:
     reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default. "
                                  "With several model rewards, one per reward: 'aesthetic=PATH;clip=PATH' (aesthetic: "
                                  "a folder with the head and clip/, or 'HEAD_FILE,CLIP_DIR').")
-    prompts: str = _f("simple_animals", "Prompt set: a built-in name or a UTF-8 text file with one prompt per line.")
+    prompts: str = _f("simple_animals", "Prompt set: a built-in name, a UTF-8 text file with one prompt per line, a "
+                      "table (.csv, .tsv, .json, .jsonl; .parquet with pyarrow) or a hub dataset's file "
+                      "(hf://datasets/OWNER/NAME[@REV][/FILE]).")
+    prompt_column: str = _f("", "The column of the prompts in a table --prompts names; empty = its one column named "
+                            "prompt, prompts, caption or text (any case).")
+    prompt_filter: str = _f("", "COLUMN=VALUE: train on the rows of a table --prompts names whose COLUMN holds VALUE "
+                            "(e.g. Category=Animals); empty = every row.")
     prompt_order: str = _f("random", "How each rollout's prompt is drawn from the set: random (with replacement) or "
                            "shuffled (every prompt once per pass through the set, each pass in a fresh seeded order: "
                            "a batch as large as the set holds each prompt once).", ("random", "shuffled"))
@@ -211,8 +217,13 @@ class Config:
     eval_every: int = _f(0, "Score the held-out prompts with fixed seeds every N optimizer steps (eval_reward in "
                          "metrics.jsonl and the trackers) and keep the LoRA of the best evaluated step in best/. "
                          "0 = off.")
-    eval_prompts: str = _f("", "Held-out prompts: a built-in set or a UTF-8 file; empty = eval_holdout prompts of "
-                           "the training set, set aside with the seed and never trained on.")
+    eval_prompts: str = _f("", "Held-out prompts: a built-in set, a UTF-8 file, a table or a hub dataset's file, as "
+                           "--prompts takes them; empty = eval_holdout prompts of the training set, set aside with the "
+                           "seed and never trained on.")
+    eval_prompt_column: str = _f("", "The column of the prompts in a table eval_prompts names (as prompt_column for "
+                                 "--prompts; empty = its one column named prompt, prompts, caption or text).")
+    eval_prompt_filter: str = _f("", "COLUMN=VALUE: hold out the rows of a table eval_prompts names whose COLUMN "
+                                 "holds VALUE (as prompt_filter for --prompts); empty = every row.")
     eval_holdout: int = _f(4, "With eval_every and no eval_prompts: how many training prompts are held out.")
     early_stop: int = _f(0, "End the run when evaluation has not improved for this many evaluations in a row "
                          "(needs eval_every; 0 = never).")
@@ -409,6 +420,14 @@ class Config:
                                 f"{nearest_multiples(value, 8)[0]}")
         _check_flow_resolution(self)
 
+    def _validate_prompt_filters(self) -> None:
+        """prompt_filter and eval_prompt_filter are COLUMN=VALUE (the table itself is read with the prompts)."""
+        for name in ("prompt_filter", "eval_prompt_filter"):
+            column, eq, _ = getattr(self, name).partition("=")
+            if getattr(self, name) and not (eq and column.strip()):
+                raise UserError(f"{name}={quote(getattr(self, name))} is not COLUMN=VALUE: give the column and the "
+                                f"value of the rows to keep, e.g. --set {name}=Category=Animals")
+
     def _validate_decode(self) -> None:
         """The VAE decode's piece-by-piece settings."""
         if self.tiled_decode and self.sliced_decode:
@@ -450,6 +469,7 @@ class Config:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
         parse_sizes(self.resolution)  # a malformed size, e.g. "1216*832": its one line before any other
         self._validate_names()
+        self._validate_prompt_filters()
         most = MAX_SEED if training else MAX_SAMPLE_SEED
         if not MIN_SEED <= self.seed <= most:
             raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
@@ -1142,14 +1162,16 @@ TRAINING_ONLY = frozenset((
     "steps", "max_minutes", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "lr_scheduler", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "loss_scale",
     "reward_target", "reward_cap", "train_unet", "lora_rank", "lora_layers", "lora_alpha", "init_lora", "kl_coeff",
-    "lv_draws", "ema_decay", "ema_outputs", "eval_every", "eval_prompts", "eval_holdout", "early_stop", "eval_on_start",
+    "lv_draws", "ema_decay", "ema_outputs", "eval_every", "eval_prompts", "eval_prompt_column", "eval_prompt_filter",
+    "eval_holdout", "early_stop", "eval_on_start",
     "best_by", "unet_checkpointing", "window_keep", "vae_checkpointing", "reward_checkpointing", "activation_offload",
     "deepspeed_zero", "offload", "fused_adamw", "sample_prompts", "sample_every", "export_format", "push_to_hub",
     "fidelity_every", "checkpoint_every", "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps",
     "log_every", "optimizer", "prompt_order", "report_to", "fidelity_images"))
 
 # what the run's images were scored with and on: `sample` of its LoRA takes them too, where they are at hand
-RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts")
+RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts", "prompt_column", "prompt_filter")
+PROMPT_READING = ("prompt_column", "prompt_filter")  # how a table of --prompts is read: they go with it
 
 
 def scoring_settings(values: dict[str, Any]) -> dict[str, Any]:

@@ -25,11 +25,11 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None, *, training: b
     the prompts: ``prompts`` when given (``sample --prompt``), else ``cfg.prompts``'s. ``training=False``
     (``sample``): its tracker is not checked (it tracks nothing)."""
     from lowmem_alignprop.models.loading import resolve_model
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
     from lowmem_alignprop.rewards import check_reward_spec
 
     cfg.check_installed()
-    prompts = list(prompts) if prompts else load_prompts(cfg.prompts)
+    prompts = list(prompts) if prompts else configured_prompts(cfg)
     # unknown, unimportable or broken; a model reward's weight file missing (not after minutes of model loading)
     check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=prompts, weights=cfg.reward_weights)
     if resolve_model(cfg.model)[0] in ("arch", "flow_arch"):  # (missing paths fail here)
@@ -169,7 +169,7 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
     Without: (prompts, []). Prompts that differ in case or spacing only are one prompt. ``started``: a resumed run's
     config at its checkpoint: the prompts it set aside stay out of training and are its held-out ones, whatever seed
     or evaluation settings the resume gives (another seed drew others, which it had trained on)."""
-    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts
 
     def unique(keyed: list[str]) -> list[str]:  # one prompt per key, in order
         return list({prompt_key(p): p for p in reversed(keyed)}.values())[::-1]
@@ -186,7 +186,7 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         return train, []
     if cfg.eval_prompts:  # a prompt that also trains is not held out: left out of the evaluation
         trained = {prompt_key(p) for p in train}
-        given = load_prompts(cfg.eval_prompts)
+        given = configured_prompts(cfg, "eval_prompts")
         held = unique([p for p in given if prompt_key(p) not in trained])
         if not held:
             raise UserError(f"eval_prompts={cfg.eval_prompts}: every one of its {len(given)} prompts is also a "

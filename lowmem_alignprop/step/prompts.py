@@ -1,7 +1,8 @@
-"""Prompt sets: ``load_prompts(spec) -> list[str]``.
+"""Prompt sets: ``load_prompts(spec) -> list[str]`` (a configuration's: :func:`configured_prompts`).
 
-``spec`` is a built-in name (see ``PROMPT_SETS``) or the path of a UTF-8 text file with one prompt per line
-(blank lines and lines starting with ``#`` are skipped; surrounding whitespace is stripped).
+``spec`` is a built-in name (see ``PROMPT_SETS``), the path of a UTF-8 text file with one prompt per line
+(blank lines and lines starting with ``#`` are skipped; surrounding whitespace is stripped), of a table (a .csv,
+.tsv, .json, .jsonl or .parquet file: step/prompt_tables.py).
 The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``; the toy world's (``toy-train``,
 ``toy-heldout``) are captions of its grammar (docs/toy_world.md).
 """
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import LINE_BREAK, NotText, kind_of, read_user_text
+from lowmem_alignprop.settings.paths import LINE_BREAK, kind_of
+from lowmem_alignprop.step.prompt_files import control_character, prompt_file_text
+from lowmem_alignprop.step.prompt_tables import TABLE_KINDS, TableRead, is_table, read_table
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -30,19 +34,40 @@ PROMPT_SETS: dict[str, str] = {
 }
 
 
-# files that hold data or code, not one prompt per line: their lines trained as prompts ('["a cat", "a dog"]', a CSV
-# header, a Python file's source) in silence
-NOT_PROMPT_TEXT = {".json": "JSON", ".jsonl": "JSON lines", ".csv": "CSV", ".tsv": "TSV", ".yaml": "YAML",
-                   ".yml": "YAML", ".toml": "TOML", ".py": "Python", ".parquet": "Parquet"}
+# files that hold code or settings, not prompts: their lines trained as prompts (a Python file's source, a YAML
+# mapping) in silence; tables (.csv, .tsv, .json, .jsonl, .parquet) are read as tables (step/prompt_tables.py)
+NOT_PROMPT_TEXT = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".py": "Python"}
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped."""
+def read_prompt_file(path: str | Path, shown: str = "") -> list[str]:
+    """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped. ``shown``: how lines name it
+    (default the path)."""
     path = Path(path).expanduser()
+    shown = shown or str(path)
+    check_prompt_file(path)
+    text = prompt_file_text(path)  # UTF-8 (a byte-order mark too), or UTF-16 as PowerShell's > writes it
+    # lines as an editor counts them (str.splitlines also ends one at \f, \v, \x1c-\x1e, \x85, U+2028/9); a
+    # byte-order mark inside (two files joined: `type a.txt b.txt > all.txt`) is no text: taken out
+    lines = [line.replace("\ufeff", "") for line in LINE_BREAK.split(text)]
+    for number, line in enumerate(lines, 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
+        if (what := control_character(line)) is not None:
+            raise UserError(f"prompt file {shown} line {number} holds {what}: it is not a text file of prompts; write "
+                            "one prompt per line")
+    prompts = [line.strip() for line in lines]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {shown} has no prompts (only blank lines or # comments); write one prompt per "
+                        "line")
+    return prompts
+
+
+def check_prompt_file(path: Path) -> None:
+    """``path`` names a prompt file this reads, and a regular file; else one line (code or settings by its name,
+    missing, a folder, a device, a dangling link)."""
     if (what := NOT_PROMPT_TEXT.get(path.suffix.lower())) is not None:
         raise UserError(f"prompt file {path} is a {what} file by its name: a prompt file is plain text, one prompt per "
-                        f"line, read as it is (its {what} would be trained as prompt text); write the prompts one per "
-                        "line into a .txt file")
+                        f"line, read as it is (its {what} would be trained as prompt text), or a table ("
+                        f"{', '.join(TABLE_KINDS)}); write the prompts one per line into a .txt file")
     kind = kind_of(path)
     if kind == "missing":
         raise UserError(f"prompt file {path} does not exist; give an existing text file (one prompt per line) or a "
@@ -50,27 +75,19 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if kind != "file":
         also = "" if kind == "special file" else ", not a file"  # (that one says it: "is not a regular file")
         raise UserError(f"prompt file {path} {describe_path(path)}{also}; give a text file with one prompt per line")
-    try:
-        text = read_user_text(path)  # UTF-8 (a byte-order mark too), or UTF-16 as PowerShell's > writes it
-    except NotText as exc:
-        raise UserError(f"prompt file {path} {exc}; save it as UTF-8 (Notepad: Save as, Encoding UTF-8)") from None
-    except OSError as exc:
-        raise UserError(f"cannot read prompt file {path} ({exc.strerror}); check its permissions") from exc
-    # lines as an editor counts them (str.splitlines also ends one at \f, \v, \x1c-\x1e, \x85, U+2028/9); a
-    # byte-order mark inside (two files joined: `type a.txt b.txt > all.txt`) is no text: taken out
-    lines = [line.replace("\ufeff", "") for line in LINE_BREAK.split(text)]
-    for number, line in enumerate(lines, 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
-        control = next((c for c in line if ord(c) < 32 and c != "\t" or 127 <= ord(c) < 160 or c in "\u2028\u2029"),
-                       None)
-        if control is not None:
-            what = "line separator" if control in "\u2028\u2029" else "control character"
-            raise UserError(f"prompt file {path} line {number} holds the {what} {control!r}: it is not a text file of "
-                            "prompts; write one prompt per line")
-    prompts = [line.strip() for line in lines]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise UserError(f"prompt file {path} has no prompts (only blank lines or # comments); write one prompt per line")
-    return prompts
+
+
+def read_file(path: Path, how: TableRead, shown: str = "") -> list[str]:
+    """The prompts of a file: a table's (:func:`~lowmem_alignprop.step.prompt_tables.read_table`, as ``how`` says),
+    else a text file's, one a line (a column or filter given for one: one line)."""
+    check_prompt_file(path)
+    if is_table(path):
+        return read_table(path, how, shown)
+    if how.given:
+        raise UserError(f"{' and '.join(how.given)}: prompt file {shown or path} is a text file, one prompt per line, "
+                        f"without columns (a table is a {', '.join(TABLE_KINDS)} file): drop --set "
+                        f"{how.given[0].partition('=')[0]}")
+    return read_prompt_file(path, shown)
 
 
 def _builtin(name: str) -> list[str]:
@@ -94,19 +111,34 @@ def _pair_order(pair: tuple[str, str]) -> int:
     return list(SHAPES).index(pair[1])
 
 
-def load_prompts(spec: str) -> list[str]:
-    """A built-in prompt set by name, or the prompts of a text file."""
+def load_prompts(spec: str, column: str = "", where: str = "", prefix: str = "") -> list[str]:
+    """A built-in prompt set by name, the prompts of a text file, or of a table: its ``column`` ("": its one column named prompt, prompts, caption or text), its rows whose
+    ``where`` ("COLUMN=VALUE") holds. ``prefix``: the settings' ("", or "eval_" for eval_prompts), for lines."""
+    how = TableRead(column, where, prefix)
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise UserError(f"empty prompt set; use a built-in one ({', '.join(PROMPT_SETS)}) or a text file path")
     spec = str(spec).strip()
     if spec in PROMPT_SETS:
+        if how.given:
+            raise UserError(f"{' and '.join(how.given)}: {spec} is a built-in prompt set, without columns: drop "
+                            f"--set {how.given[0].partition('=')[0]}")
         return _builtin(spec)
     path = Path(spec).expanduser()
     if path.exists() or path.is_symlink() or "/" in spec or "\\" in spec or path.suffix:  # (a link: broken, a loop)
-        return read_prompt_file(path)
+        return read_file(path, how)
     hint = did_you_mean(spec, PROMPT_SETS, fold=_dashed)  # toy_pairs, Simple_Animals: near misses
     raise UserError(f"unknown prompt set {spec!r}{hint}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
-                    "text file with one prompt per line")
+                    "text file with one prompt per line or of a table")
+
+
+def configured_prompts(settings: Any, field: str = "prompts") -> list[str]:
+    """The prompts a configuration (a Config, or a run's config as a dict) names in ``field`` (``prompts``, or
+    ``eval_prompts``), read with its column and filter settings (prompt_column and prompt_filter, or eval_'s)."""
+    prefix = field.removesuffix("prompts")
+
+    def get(name: str) -> Any:
+        return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, "")
+    return load_prompts(get(field), get(f"{prefix}prompt_column") or "", get(f"{prefix}prompt_filter") or "", prefix)
 
 
 def draw_prompts(prompts: list[str], order: str, rng: random.Random, first: int, count: int, seed: int) -> list[str]:

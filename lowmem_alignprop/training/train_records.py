@@ -21,6 +21,7 @@ from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, INIT_SOURC
 from lowmem_alignprop.run.rng_state import set_rng_state
 from lowmem_alignprop.run.runfolder import RunFolder, recorded_dirs, started_commands, working_folder
 from lowmem_alignprop.run.runlock import world_size
+from lowmem_alignprop.settings.config import PROMPT_READING
 from lowmem_alignprop.settings.profiles import as_read
 
 log = logging.getLogger("lowmem_alignprop")
@@ -83,8 +84,8 @@ class RunRecords:
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
             self.prompts_since = self.start + 1 if other else int(state.get("prompts_since") or 1)
-            edited = other and before.get("prompts") == self.cfg.prompts  # the same file, edited since (another
-            # one is warned of)
+            # the same file read the same way, edited since (another file, column or filter is warned of)
+            edited = other and all(before.get(f, "") == getattr(self.cfg, f) for f in ("prompts", *PROMPT_READING))
             if edited and self.is_main:
                 log.warning("resume: %s changed since the checkpoint: the rows before step %d of metrics.jsonl index "
                             "its earlier prompts (prompt_ids)", self.cfg.prompts, self.step)
