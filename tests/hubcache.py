@@ -8,16 +8,18 @@ import shutil
 from pathlib import Path
 
 
-def cached_snapshot(cache: Path, repo: str, src: Path, change=None, ref: str = "main") -> Path:
-    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` in ``cache``: refs/``ref`` holding the
-    commit (sha1 of the repo, of "repo@ref" for another ref than main), blobs/<sha256> and snapshots/<commit>/<file>
-    symlinks to them; ``change(copy)`` edits a copy of the files first. Returns the snapshot folder."""
-    staged = cache.parent / f"staged-{repo.replace('/', '--')}{'' if ref == 'main' else '@' + ref}"
+def cached_snapshot(cache: Path, repo: str, src: Path, change=None, ref: str = "main",
+                    repo_type: str = "model") -> Path:
+    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` (a ``repo_type`` repository: model,
+    dataset) in ``cache``: refs/``ref`` holding the commit (sha1 of the repo, of "repo@ref" for another ref than
+    main), blobs/<sha256> and snapshots/<commit>/<file> symlinks to them; ``change(copy)`` edits a copy of the files
+    first. Returns the snapshot folder."""
+    staged = cache.parent / f"staged-{repo_type}-{repo.replace('/', '--')}{'' if ref == 'main' else '@' + ref}"
     shutil.copytree(src, staged)
     if change:
         change(staged)
     commit = hashlib.sha1((repo if ref == "main" else f"{repo}@{ref}").encode()).hexdigest()
-    root = cache / f"models--{repo.replace('/', '--')}"
+    root = cache / f"{repo_type}s--{repo.replace('/', '--')}"
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / ref).write_text(commit)

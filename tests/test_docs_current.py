@@ -122,7 +122,8 @@ def check_command(argv: list[str]) -> list[str]:
         except UserError as e:
             problems.append(f"--reward {reward}: {e}")
     prompts = getattr(args, "prompts", None)
-    if prompts and not PLACEHOLDER.match(prompts) and prompts not in PROMPT_SETS and not Path(prompts).suffix:
+    if prompts and not PLACEHOLDER.match(prompts) and prompts not in PROMPT_SETS and not Path(prompts).suffix \
+            and not prompts.startswith("hf://datasets/"):  # (a hub dataset's address)
         problems.append(f"--prompts {prompts}: no shipped prompt set of that name (nor a file)")
     for item in getattr(args, "set", []):
         key, _, value = item.partition("=")

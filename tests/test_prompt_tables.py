@@ -1,13 +1,19 @@
-"""Prompt sets published as tables (.csv, .tsv, .json, .jsonl, .parquet): the column of the prompts (prompt_column,
-or the one obvious one), the rows kept (prompt_filter), each refusal one line."""
+"""Prompt sets published as tables (.csv, .tsv, .json, .jsonl, .parquet) and as Hugging Face hub datasets
+(``hf://datasets/OWNER/NAME[@REV][/FILE]``): the column of the prompts (prompt_column, or the one obvious one), the
+rows kept (prompt_filter), each refusal one line; hub datasets read from a hub cache built here (offline) or through
+fakes of huggingface_hub's requests (no test touches the network); a resume reads the commit its run read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sys
 
 import pytest
 
+from hubcache import cached_snapshot
+from outputs_doc import DOC, documented_keys, undocumented
 from refusals import assert_refused
 
 from lowmem_alignprop.cli import main
@@ -141,6 +147,9 @@ def test_a_column_or_filter_where_there_are_no_columns_is_refused(tmp_path):
     assert refused(str(tmp_path / "l.json"), "prompt") == (
         f"prompt_column=prompt: prompt file {tmp_path / 'l.json'} is a JSON list of strings, one prompt each, without "
         "columns: drop --set prompt_column")
+    assert refused("someone/parti-prompts") == (
+        "prompt file someone/parti-prompts does not exist; for the Hugging Face hub dataset someone/parti-prompts, "
+        "give --prompts hf://datasets/someone/parti-prompts")
 
 
 def test_parquet_is_read_with_pyarrow_or_names_its_install(tmp_path, monkeypatch):
@@ -161,6 +170,175 @@ def test_parquet_is_read_with_pyarrow_or_names_its_install(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert refused(str(path)) == (f"prompt file {path} is a Parquet file, and reading one needs pyarrow, which is not "
                                   "installed: pip install pyarrow (or save the prompts as a .csv or .jsonl file)")
+
+
+# ---- hub datasets --------------------------------------------------------------------------------------------------
+
+def _commit(repo: str, ref: str = "main") -> str:
+    import hashlib
+
+    return hashlib.sha1((repo if ref == "main" else f"{repo}@{ref}").encode()).hexdigest()  # (hubcache's)
+
+
+def _dataset(cache, tmp_path, repo: str, files: dict[str, str], ref: str = "main"):
+    """``repo`` cached as a dataset repository at ``ref`` holding ``files`` (path -> text)."""
+    src = tmp_path / f"src-{repo.replace('/', '--')}-{ref}"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text, encoding="utf-8")
+    return cached_snapshot(cache, repo, src, ref=ref, repo_type="dataset")
+
+
+def test_a_hub_dataset_is_read_offline_from_the_cache_at_main_or_a_revision(hub_cache, tmp_path):
+    """hf://datasets/OWNER/NAME: its one table file (README.md is none); @REV: the cache's snapshot of that branch;
+    /FILE: that file; several tables: one line naming them; a dataset the cache lacks, or a file it lacks: one line
+    with the `hf download --repo-type dataset` that brings it."""
+    from lowmem_alignprop.step.hub_prompts import hub_table
+    from lowmem_alignprop.step.prompt_tables import TableRead
+
+    _dataset(hub_cache, tmp_path, "o/parti", {"PartiPrompts.tsv": PARTI, "README.md": "# PartiPrompts"})
+    _dataset(hub_cache, tmp_path, "o/parti", {"PartiPrompts.tsv": "Prompt\tCategory\na newer prompt\tArt\n"},
+             ref="v2")
+    assert load_prompts("hf://datasets/o/parti", "", "Category=Animals") == ["a cat in a hat", "a dog", "a dog"]
+    assert load_prompts("hf://datasets/o/parti@v2") == ["a newer prompt"]
+    found = hub_table("hf://datasets/o/parti@v2/PartiPrompts.tsv", TableRead())
+    assert found.record() == {"spec": "hf://datasets/o/parti@v2/PartiPrompts.tsv", "repo": "o/parti",
+                              "file": "PartiPrompts.tsv", "commit": _commit("o/parti", "v2")}
+    _dataset(hub_cache, tmp_path, "o/two", {"a.csv": "prompt\na cat\n", "data/b.jsonl": '"a dog"\n'})
+    assert refused("hf://datasets/o/two") == (
+        "--prompts hf://datasets/o/two: the hub dataset o/two holds 2 table files (a.csv, data/b.jsonl): name the one "
+        "you mean, e.g. --prompts hf://datasets/o/two/a.csv")
+    assert load_prompts("hf://datasets/o/two/data/b.jsonl") == ["a dog"]
+    assert refused("hf://datasets/o/two/c.csv", "", "", "eval_") == (
+        "eval_prompts=hf://datasets/o/two/c.csv: the local hub cache holds the dataset o/two without c.csv (its table "
+        "files: a.csv, data/b.jsonl) and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): name one of "
+        "those, or on a machine with network run `hf download --repo-type dataset o/two c.csv` (into the hub cache; "
+        "copy that cache here), then run again")
+    assert refused("hf://datasets/o/gone@v1") == (
+        "--prompts hf://datasets/o/gone@v1: the hub dataset o/gone at revision v1 is not in the local hub cache and "
+        "the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a machine with network run `hf download "
+        "--repo-type dataset o/gone --revision v1` (into the hub cache; copy that cache here), then run again")
+    assert refused("hf://o/parti") == ("--prompts hf://o/parti names a hub model, not a dataset: a hub dataset's "
+                                       "prompts are hf://datasets/o/parti")
+
+
+def test_a_hub_dataset_not_cached_without_network_is_one_line_and_nothing_is_written(hub_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_refused(main, ["--profile", "cpu", "--prompts", "hf://datasets/someone/prompts", "--output-dir", str(out)],
+                   "error: --prompts hf://datasets/someone/prompts: the hub dataset someone/prompts is not in the "
+                   "local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a machine "
+                   "with network run `hf download --repo-type dataset someone/prompts` (into the hub cache; copy that "
+                   "cache here), then run again", out, capsys)
+
+
+def test_online_a_hub_dataset_is_listed_sized_and_downloaded_at_its_commit(online_by_setting, hub_cache, tmp_path,
+                                                                           monkeypatch):
+    """With network: the dataset's files and sizes asked once (dataset_info), a file over 200 MB refused before any
+    download, the table downloaded into the hub cache (the commit its snapshot is of goes with it); the hub's refusals
+    (no such dataset, gated, no such revision) one line each."""
+    import huggingface_hub
+    from test_hub_lora import _hub_error
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+    commit, asked = "d" * 40, []
+    sizes = {"README.md": 10, "prompts.csv": 40, "images.parquet": 250 * 1000 ** 2}
+
+    def info(repo, files_metadata=False, **kw):
+        asked.append(("info", repo, kw.get("revision")))
+        if repo != "online/set":
+            raise _hub_error({"online/gated": "GatedRepoError", "online/set2": "RevisionNotFoundError"}.get(
+                repo, "RepositoryNotFoundError"), repo)
+        return type("Info", (), {"sha": commit, "siblings": [type("Sibling", (), {"rfilename": f, "size": n})
+                                                            for f, n in sizes.items()]})
+
+    def download(repo, filename, repo_type=None, **kw):
+        asked.append(("download", repo, filename, repo_type))
+        target = hub_cache / f"datasets--{repo.replace('/', '--')}" / "snapshots" / commit / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("Prompt\na kite\na fox\n", encoding="utf-8")
+        return str(target)
+    monkeypatch.setattr(huggingface_hub, "dataset_info", info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert refused("hf://datasets/online/set/images.parquet") == (
+        "--prompts hf://datasets/online/set/images.parquet: images.parquet is 250 MB, more than the 200 MB a prompt "
+        "set may be (a table of images, or of much more than prompts): name a smaller file of it, or save its prompt "
+        "column to a local table")
+    assert asked == [("info", "online/set", None)]  # (nothing downloaded)
+    assert refused("hf://datasets/online/set") == (
+        "--prompts hf://datasets/online/set: the hub dataset online/set holds 2 table files (images.parquet, "
+        "prompts.csv): name the one you mean, e.g. --prompts hf://datasets/online/set/images.parquet")
+    asked.clear()
+    assert load_prompts("hf://datasets/online/set/prompts.csv") == ["a kite", "a fox"]
+    assert load_prompts("hf://datasets/online/set/prompts.csv") == ["a kite", "a fox"]
+    assert asked == [("info", "online/set", None), ("download", "online/set", "prompts.csv", "dataset")]  # (once)
+    assert refused("hf://datasets/online/typo") == (
+        "--prompts hf://datasets/online/typo: no dataset online/typo on the Hugging Face hub (or a private one this "
+        "machine is not logged in to: `hf auth login`): check its name on https://huggingface.co/datasets/online/typo")
+    assert refused("hf://datasets/online/gated") == (
+        "--prompts hf://datasets/online/gated: the Hugging Face hub dataset online/gated is gated: accept its "
+        "conditions on https://huggingface.co/datasets/online/gated, then log in here with that account (`hf auth "
+        "login`, or set HF_TOKEN); or pass a local copy of its file of prompts")
+    assert refused("hf://datasets/online/set2@v9") == (
+        "--prompts hf://datasets/online/set2@v9: the hub dataset online/set2 has no revision v9 (no such branch, tag "
+        "or commit): check it on https://huggingface.co/datasets/online/set2/commits/main, or leave @v9 out to read "
+        "main")
+
+
+FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--set",
+        "batch_size=1", "--set", "fidelity_images=0"]
+
+
+def test_a_resume_reads_the_commit_its_run_read_and_a_changed_column_changes_its_prompts(
+        hub_cache, tmp_path, fresh_log_handlers, caplog):
+    """A run on hf://datasets/o/set records the commit it read (prompts.json, each checkpoint); the dataset's main
+    then moves to a commit with other prompts; a resume with another prompt_column reads the first commit's file
+    with that column: its prompts change as an edited prompt file's do (prompts_since_step, prompts.json's earlier
+    list), and the change of column is said as a change of a setting, not as an edit of the file."""
+    import logging
+
+    first = _commit("o/set")
+    _dataset(hub_cache, tmp_path, "o/set", {"set.tsv": "Prompt\tShort\na red circle\tred\na blue square\tblue\n"})
+    out = tmp_path / "run"
+    assert main([*FAST, "--steps", "1", "--prompts", "hf://datasets/o/set", "--output-dir", str(out)]) == 0
+    source = {"spec": "hf://datasets/o/set", "repo": "o/set", "file": "set.tsv", "commit": first}
+    assert json.loads((out / "prompts.json").read_text(encoding="utf-8"))["sources"] == {"prompts": source}
+    state = json.loads((out / "checkpoints" / "step-00000001" / "state.json").read_text(encoding="utf-8"))
+    assert state["prompt_sources"] == {"prompts": source}
+    moved = _dataset(hub_cache, tmp_path, "o/set", {"set.tsv": "Prompt\tShort\na green circle\tgreen\n"}, ref="v2")
+    (hub_cache / "datasets--o--set" / "refs" / "main").write_text(moved.name)
+    assert load_prompts("hf://datasets/o/set") == ["a green circle"]  # (main now)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*FAST, "--steps", "2", "--resume", "latest", "--output-dir", str(out), "--set",
+                     "prompt_column=Short"]) == 0
+    record = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
+    assert record["train"] == ["red", "blue"] and record["sources"] == {"prompts": source}
+    assert not undocumented(record, documented_keys(DOC.read_text(encoding="utf-8"))["prompts.json"])
+    assert record["earlier"] == [{"until_step": 1, "train": ["a red circle", "a blue square"]}]
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["prompts_since_step"] == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert f"resume: prompts hf://datasets/o/set is read at commit {first}, as the run read it (@REV after its name " \
+           "reads another revision: a change of the prompts)" in said
+    assert "resume: prompt_column was '' in the checkpoint, now 'Short'" in said
+    assert not [s for s in said if "changed since the checkpoint" in s]
+    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.model_card import training_command
+
+    assert training_command(read_lora(str(out / "lora"))).splitlines()[0].endswith(  # (the card's: run again, it
+        f"--prompts hf://datasets/o/set@{first}/set.tsv --output-dir {out}")  # reads what the run read)
+
+
+def test_a_recorded_command_names_the_commit_and_file_its_hub_prompts_were_read_at():
+    from lowmem_alignprop.lora.model_card import pinned_prompts
+
+    sources = {"prompts": {"spec": "hf://datasets/o/set", "repo": "o/set", "file": "set.tsv", "commit": "c" * 40},
+               "eval_prompts": {"spec": "hf://datasets/o/set@v1/held.csv", "repo": "o/set", "file": "held.csv",
+                                "commit": "d" * 40}}
+    line = "lowmem-alignprop --prompts=hf://datasets/o/set --set eval_prompts=hf://datasets/o/set@v1/held.csv"
+    assert pinned_prompts(line, sources) == (f"lowmem-alignprop --prompts=hf://datasets/o/set@{'c' * 40}/set.tsv --set "
+                                             f"eval_prompts=hf://datasets/o/set@{'d' * 40}/held.csv")
+    for kept in ("lowmem-alignprop --prompts hf://datasets/o/other", "lowmem-alignprop --resume latest --set "
+                 "prompts=hf://datasets/o/set", "lowmem-alignprop --set eval_prompts=hf://datasets/o/set"):
+        assert pinned_prompts(kept, sources) == kept
 
 
 @pytest.mark.parametrize("command", [["sample", "--num-prompts", "1"], ["plan"]], ids=["sample", "plan"])

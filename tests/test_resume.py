@@ -246,7 +246,8 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
     ("--profile ../mine.yaml", True), ("--set vae=./v", True), ("--set init_lora=lora", True),
     ("--reward a:1,./r.py:f", True), ("--resume checkpoints/step-00000003", True), ("--model here", True),
     ("--output-dir /abs/x --prompts simple_animals --profile cpu", False), ("--resume latest --set lr=-1", False),
-    ("--model owner/name --reward aesthetic --set vae=/v", False), ("--output-dir '/a b' --steps 3", False)])
+    ("--model owner/name --reward aesthetic --set vae=/v", False), ("--output-dir '/a b' --steps 3", False),
+    ("--prompts hf://datasets/o/n --set eval_prompts=hf://datasets/o/n@v1/x.csv", False), ("--prompts t.csv", True)])
 def test_which_recorded_commands_name_a_relative_path(tmp_path, command, relative):
     """A hub id, a shipped or built-in name and an absolute path need no folder; a path option's relative value, a
     ./ or ../ path and a name of something in the start's folder do."""

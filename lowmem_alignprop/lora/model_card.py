@@ -221,8 +221,8 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     lines = started_commands(lora.run) if lora.run is not None else []
     if isinstance(lora.starts, int) and lora.starts > 0:
         lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
-    pins, commit = hub_pins(lora), init_lora_commit(lora)
-    lines = [pinned_init_lora(pinned_command(line, pins), commit) for line in lines]
+    pins, commit, sources = hub_pins(lora), init_lora_commit(lora), prompt_sources(lora)
+    lines = [pinned_prompts(pinned_init_lora(pinned_command(line, pins), commit), sources) for line in lines]
     if lines and folders:
         dirs = start_folders(lora, len(lines))
         lines = [said for line, folder in zip(lines, dirs)
@@ -245,6 +245,7 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     c = {**c, **pins}  # (the commits its hub parts came from, which the names alone may no longer load)
     if commit and (pinned := at_commit(str(c.get("init_lora") or ""), commit)) is not None:
         c["init_lora"] = pinned  # (a hub id --init-lora: the commit it was read at)
+    c.update({field: at for field, (spec, at) in _pinned_sources(sources).items() if c.get(field) == spec})
     parts = ["lowmem-alignprop", "--profile", profile]
     flags = {"model": "--model", "reward": "--reward", "prompts": "--prompts", "steps": "--steps",
              "seed": "--seed", "output_dir": "--output-dir"}
@@ -305,25 +306,64 @@ def pinned_init_lora(line: str, commit: str | None) -> str:
     """A recorded command line that started a run (not a --resume) with its hub id --init-lora (or ``--set
     init_lora=``) at ``commit``, the one it was read at (``owner/name@COMMIT[/file]``), unless it names that commit
     already: the hub id alone, or at a branch or tag, loads what the repository holds now."""
+    def pinned(value: str) -> str | None:
+        named = split_hub_id(value)
+        return None if named is None or _names_commit(named[2], commit) else str(at_commit(value, commit))
+    return _with_values(line, "--init-lora", "init_lora", pinned) if commit else line
+
+
+def prompt_sources(lora: Lora) -> dict[str, dict]:
+    """The hub dataset files the run's prompts were read from (its prompts.json ``sources``: step/hub_prompts.py's
+    records), else none."""
+    from lowmem_alignprop.run.filenames import PROMPTS_FILE
+
+    try:
+        sources = json.loads((lora.run / PROMPTS_FILE).read_text(encoding="utf-8")).get("sources")
+    except (OSError, ValueError, TypeError, AttributeError):  # (no run, no record, a damaged one)
+        return {}
+    return sources if isinstance(sources, dict) else {}
+
+
+def pinned_prompts(line: str, sources: dict[str, dict]) -> str:
+    """A recorded command line that started a run (not a --resume) with each hub dataset address of its --prompts
+    (``--set prompts=``, ``--set eval_prompts=``) the run read (``sources``: :func:`prompt_sources`) at the commit
+    and file it read: ``hf://datasets/OWNER/NAME@COMMIT/FILE`` (the address alone reads the dataset's main now)."""
+    for field, (spec, at) in _pinned_sources(sources).items():
+        line = _with_values(line, "--prompts" if field == "prompts" else "", field,
+                            lambda value, s=spec, a=at: a if value == s else None)
+    return line
+
+
+def _pinned_sources(sources: dict[str, dict]) -> dict[str, tuple[str, str]]:
+    """{field: (the address given, the address of the commit and file read)} of :func:`prompt_sources`' records."""
+    from lowmem_alignprop.step.hub_prompts import address
+
+    keys = ("spec", "repo", "file", "commit")
+    return {field: (r["spec"], address(r["repo"], r["commit"], r["file"])) for field, r in sources.items()
+            if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys)}
+
+
+def _with_values(line: str, option: str, field: str, change) -> str:
+    """A recorded command line that started a run (not a --resume) with each value of ``option`` (``--opt V``,
+    ``--opt=V``; "": none) and of ``--set field=V`` that ``change(V)`` gives another for (None: kept) replaced."""
     import shlex
 
     try:
         words = shlex.split(line)
     except ValueError:  # (unbalanced quotes: as recorded)
         return line
-    if not commit or any(w == "--resume" or w.startswith("--resume=") for w in words):
+    if any(w == "--resume" or w.startswith("--resume=") for w in words):
         return line
     moved = False
     for i, (before, word) in enumerate(zip(["", *words], words)):
-        value = word if before == "--init-lora" else word.removeprefix("--init-lora=") \
-            if word.startswith("--init-lora=") else ""
+        value = word if option and before == option else word.removeprefix(f"{option}=") \
+            if option and word.startswith(f"{option}=") else ""
         key, eq, setting = word.removeprefix("--set=").partition("=")
-        if (before == "--set" or word.startswith("--set=")) and key.strip() == "init_lora" and eq:
+        if (before == "--set" or word.startswith("--set=")) and key.strip() == field and eq:
             value = setting
-        head = word[:len(word) - len(value)]  # (--init-lora=, --set init_lora=: kept)
-        named = split_hub_id(value) if value else None
-        if named is not None and not _names_commit(named[2], commit):
-            words[i], moved = head + str(at_commit(value, commit)), True
+        head = word[:len(word) - len(value)]  # (--opt=, --set field=: kept)
+        if value and (changed := change(value)) is not None:
+            words[i], moved = head + changed, True
     return shlex.join(words) if moved else line
 
 
@@ -365,6 +405,7 @@ def has_relative_path(command: str, folder: Path) -> bool:
     import shlex
 
     from lowmem_alignprop.lora.hub_lora import hub_lora_id
+    from lowmem_alignprop.step.hub_prompts import PREFIX as HUB_PREFIX
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     try:
@@ -379,7 +420,8 @@ def has_relative_path(command: str, folder: Path) -> bool:
             option, _, value = value.partition("=")
         if value.startswith(("/", "~", "-")) or not value:
             continue
-        named = value in PROMPT_SETS if option.lstrip("-") in ("prompts", "eval_prompts") else (
+        named = (value in PROMPT_SETS or value.startswith(HUB_PREFIX)) if option.lstrip("-") in (
+            "prompts", "eval_prompts") else (
             option == "--resume" and value == "latest") or (  # a LoRA's hub id (lora/hub_lora.py)
             option in ("--init-lora", "init_lora") and not (folder / value).exists() and hub_lora_id(value) is not None)
         if option in _PATH_OPTIONS and not named:

@@ -117,6 +117,12 @@ class RunFolder:
         point = self._lookup()[0] if self.resume else None
         return int(point.state.get("step", 0)) if point is not None else None
 
+    def resumed_state(self) -> dict | None:
+        """The state.json of the checkpoint a --resume continues from, or None (no --resume, or :meth:`check` will
+        say what is wrong)."""
+        point = self._lookup()[0] if self.resume else None
+        return point.state if point is not None else None
+
     def resumed_settings(self) -> tuple[str, dict] | None:
         """(profile name, config) the checkpoint was trained with, or None (no --resume, or :meth:`check` will say
         what is wrong: a live run in the folder first, then a missing or broken checkpoint)."""

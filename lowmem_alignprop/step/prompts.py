@@ -2,7 +2,8 @@
 
 ``spec`` is a built-in name (see ``PROMPT_SETS``), the path of a UTF-8 text file with one prompt per line
 (blank lines and lines starting with ``#`` are skipped; surrounding whitespace is stripped), of a table (a .csv,
-.tsv, .json, .jsonl or .parquet file: step/prompt_tables.py).
+.tsv, .json, .jsonl or .parquet file: step/prompt_tables.py), or a hub dataset's file,
+``hf://datasets/OWNER/NAME[@REV][/FILE]`` (step/hub_prompts.py).
 The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``; the toy world's (``toy-train``,
 ``toy-heldout``) are captions of its grammar (docs/toy_world.md).
 """
@@ -15,7 +16,8 @@ from typing import Any
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import LINE_BREAK, kind_of
+from lowmem_alignprop.settings.paths import LINE_BREAK, kind_of, looks_like_hub_id
+from lowmem_alignprop.step.hub_prompts import hub_table
 from lowmem_alignprop.step.prompt_files import control_character, prompt_file_text
 from lowmem_alignprop.step.prompt_tables import TABLE_KINDS, TableRead, is_table, read_table
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
@@ -41,7 +43,7 @@ NOT_PROMPT_TEXT = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".py": "Pyt
 
 def read_prompt_file(path: str | Path, shown: str = "") -> list[str]:
     """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped. ``shown``: how lines name it
-    (default the path)."""
+    (a hub dataset's file: its hf:// address; default the path)."""
     path = Path(path).expanduser()
     shown = shown or str(path)
     check_prompt_file(path)
@@ -112,7 +114,8 @@ def _pair_order(pair: tuple[str, str]) -> int:
 
 
 def load_prompts(spec: str, column: str = "", where: str = "", prefix: str = "") -> list[str]:
-    """A built-in prompt set by name, the prompts of a text file, or of a table: its ``column`` ("": its one column named prompt, prompts, caption or text), its rows whose
+    """A built-in prompt set by name, the prompts of a text file, or of a table (a local file, or a hub dataset's
+    ``hf://datasets/...``): its ``column`` ("": its one column named prompt, prompts, caption or text), its rows whose
     ``where`` ("COLUMN=VALUE") holds. ``prefix``: the settings' ("", or "eval_" for eval_prompts), for lines."""
     how = TableRead(column, where, prefix)
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
@@ -123,12 +126,17 @@ def load_prompts(spec: str, column: str = "", where: str = "", prefix: str = "")
             raise UserError(f"{' and '.join(how.given)}: {spec} is a built-in prompt set, without columns: drop "
                             f"--set {how.given[0].partition('=')[0]}")
         return _builtin(spec)
+    if (hub := hub_table(spec, how)) is not None:
+        return read_file(hub.path, how, hub.address)
     path = Path(spec).expanduser()
+    if looks_like_hub_id(spec) and not path.exists() and not path.is_symlink() and not _file_suffix(path):
+        raise UserError(f"prompt file {spec} does not exist; for the Hugging Face hub dataset {spec}, give "
+                        f"{how.option}hf://datasets/{spec}")
     if path.exists() or path.is_symlink() or "/" in spec or "\\" in spec or path.suffix:  # (a link: broken, a loop)
         return read_file(path, how)
     hint = did_you_mean(spec, PROMPT_SETS, fold=_dashed)  # toy_pairs, Simple_Animals: near misses
-    raise UserError(f"unknown prompt set {spec!r}{hint}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
-                    "text file with one prompt per line or of a table")
+    raise UserError(f"unknown prompt set {spec!r}{hint}; use one of: {', '.join(PROMPT_SETS)}, the path of a UTF-8 "
+                    "text file with one prompt per line or of a table, or a hub dataset: hf://datasets/OWNER/NAME")
 
 
 def configured_prompts(settings: Any, field: str = "prompts") -> list[str]:
@@ -139,6 +147,12 @@ def configured_prompts(settings: Any, field: str = "prompts") -> list[str]:
     def get(name: str) -> Any:
         return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, "")
     return load_prompts(get(field), get(f"{prefix}prompt_column") or "", get(f"{prefix}prompt_filter") or "", prefix)
+
+
+def _file_suffix(path: Path) -> bool:
+    """Whether ``path``'s suffix is a file's this reads or names (.txt, a table's, code's): a relative file, not a
+    hub dataset's OWNER/NAME."""
+    return path.suffix.lower() in (".txt", *TABLE_KINDS, *NOT_PROMPT_TEXT)
 
 
 def draw_prompts(prompts: list[str], order: str, rng: random.Random, first: int, count: int, seed: int) -> list[str]:

@@ -42,6 +42,7 @@ from lowmem_alignprop.toy.fidelity import judged_prompts
 from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
                                           split_settings)
 from lowmem_alignprop.step.micro import Rollout, micro_step
+from lowmem_alignprop.step.hub_prompts import pinned_reads, read_sources, resumed_pins
 from lowmem_alignprop.step.prompts import draw_prompts
 from lowmem_alignprop.step.update import StepOutcome, StepUpdate, moved_schedule_note, optimizer_update
 from lowmem_alignprop.measure import meta_models
@@ -68,7 +69,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     ``began``: run/time_limit.clock's reading when the command started (max_minutes counts from it; default: now)."""
     began = time_limit.clock() if began is None else began
     folder = folder or RunFolder(cfg.output_dir)
-    with same_on_every_rank():
+    # a resume reads a hub dataset's prompts at the commit its run read (recorded in the checkpoint)
+    with same_on_every_rank(), pinned_reads(resumed_pins(folder.resumed_state(), cfg)):
         from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
         # accelerate launch --use_deepspeed --zero_stage N: before the package checks; the record says it as flags
@@ -93,6 +95,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         started = split_settings(point.state) if point else None
         prompts, eval_prompts = split_eval_prompts(cfg, given, started)
         aside = sorted(set_aside(cfg, given, started))
+        sources = read_sources(cfg)  # the commits of the hub datasets read (prompts.json and each checkpoint)
         # a resume: its best so far and spent patience, unless its evaluation measured otherwise (then both restart)
         spent = patience_spent(point.state, cfg, prompt_digest(eval_prompts)) if point else None
         for note in (schedule_note(cfg, point.step if point else 0, spent), renders_note(cfg)):  # e.g. an early
@@ -116,7 +119,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             cfg, searched = search_before_first_step(cfg, profile_name)
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
                        lock=lock, command=command, eval_prompts=eval_prompts, aside=aside, searched=searched,
-                       began=began).run()
+                       began=began, sources=sources).run()
 
 
 def check_judged(eval_prompts: list[str]) -> None:
@@ -201,7 +204,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
                  lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None,
-                 aside: list[str] | None = None, searched: dict | None = None, began: float | None = None):
+                 aside: list[str] | None = None, searched: dict | None = None, began: float | None = None,
+                 sources: dict[str, dict] | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
         self.time_limit = time_limit.TimeLimit(cfg.max_minutes, began)  # max_minutes: the clock since the command
         self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
@@ -209,6 +213,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         self.eval_prompts = list(eval_prompts or [])
         self.held_out_sha = prompt_digest(self.eval_prompts)  # kept in each checkpoint: best/ compares like with like
         self.aside = list(aside or [])  # the keys of the prompts set aside from training: kept in each checkpoint
+        self.prompt_sources = dict(sources or {})  # the hub datasets' commits read: kept in each checkpoint
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.resumes_newest = False  # the run's newest checkpoint is resumed (restore: config.yaml's edits are said)
         self.profile_values: dict | None = None  # the user's profile file's values at the run's start (write_config)
@@ -829,6 +834,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 "eval_owed": self.eval_owed,
                                 "init_lora_sha": self.init_sha,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
+                                "prompt_sources": self.prompt_sources,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 "start_dirs": self.start_dirs,  # ... and the folder each ran in
                                 **self.t5_tokens(),

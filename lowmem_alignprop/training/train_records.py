@@ -51,10 +51,11 @@ class RunRecords:
 
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``is_main``, ``accelerator``, ``device``, ``point``,
     ``start``, ``step``, ``refinish``, ``command``, ``profile_name``, ``prompts``, ``eval_prompts``, ``searched``,
-    ``init_file``, ``init_lora_copy``, ``init_source``, ``init_kept``, ``bare_unet``, ``optimizer``, ``engine``,
-    ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha``, ``input_files`` and
-    ``fits``; sets ``history``, ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``,
-    ``eval_owed``, ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
+    ``init_file``, ``init_lora_copy``, ``init_source``, ``init_kept``, ``prompt_sources``, ``bare_unet``,
+    ``optimizer``, ``engine``, ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``,
+    ``reward_sha``, ``input_files`` and ``fits``; sets ``history``, ``rollouts_before``, ``resumed_with``, ``fits``,
+    ``reward_since``, ``prompts_since``, ``eval_owed``, ``resumes_newest``, ``software``, ``profile_values`` and
+    ``start_dirs``."""
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -195,6 +196,7 @@ class RunRecords:
                 resumed = Path(origin) / PROMPTS_FILE
             atomic.write_text(out / PROMPTS_FILE, json.dumps(
                 {"train": self.prompts, "held_out": self.eval_prompts,
+                 **({"sources": self.prompt_sources} if self.prompt_sources else {}),
                  **prompt_lists_before(resumed, self.prompts, self.start)}, indent=1, ensure_ascii=False) + "\n")
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
