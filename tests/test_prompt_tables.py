@@ -222,6 +222,14 @@ def test_a_hub_dataset_is_read_offline_from_the_cache_at_main_or_a_revision(hub_
                                        "prompts are hf://datasets/o/parti")
 
 
+def test_a_huggingface_hub_without_its_address_reader_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "parse_hf_uri", None)
+    assert refused("hf://datasets/o/parti") == ("--prompts hf://datasets/o/parti: reading a hub address needs a newer "
+                                                "huggingface_hub (its parse_hf_uri): pip install -U huggingface_hub")
+
+
 def test_a_hub_dataset_not_cached_without_network_is_one_line_and_nothing_is_written(hub_cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert_refused(main, ["--profile", "cpu", "--prompts", "hf://datasets/someone/prompts", "--output-dir", str(out)],

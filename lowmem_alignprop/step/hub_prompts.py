@@ -57,9 +57,13 @@ def dataset_file(spec: str, how: TableRead) -> tuple[str, str, str] | None:
     line."""
     if not spec.startswith(PREFIX):
         return None
-    from huggingface_hub import parse_hf_uri
+    import huggingface_hub
 
     said = f"{how.option}{spec}"
+    parse_hf_uri = getattr(huggingface_hub, "parse_hf_uri", None)
+    if parse_hf_uri is None:  # (a huggingface_hub from before its hf:// reader)
+        raise UserError(f"{said}: reading a hub address needs a newer huggingface_hub (its parse_hf_uri): pip install "
+                        "-U huggingface_hub")
     try:
         uri = parse_hf_uri(spec)
     except ValueError as e:  # (HfUriError)
