@@ -315,6 +315,12 @@ def test_a_resume_reads_the_commit_its_run_read_and_a_changed_column_changes_its
     moved = _dataset(hub_cache, tmp_path, "o/set", {"set.tsv": "Prompt\tShort\na green circle\tgreen\n"}, ref="v2")
     (hub_cache / "datasets--o--set" / "refs" / "main").write_text(moved.name)
     assert load_prompts("hf://datasets/o/set") == ["a green circle"]  # (main now)
+    sampled = tmp_path / "sampled"  # (sample records what it read too)
+    assert main(["sample", "--prompts", "hf://datasets/o/set", "--num-prompts", "1", "--set", "sample_steps=2",
+                 "--output-dir", str(sampled)]) == 0
+    results = json.loads((sampled / "sample_results.json").read_text(encoding="utf-8"))
+    assert results["prompts_source"] == {**source, "commit": moved.name} and len(results["per_prompt"]) == 1
+    assert not undocumented(results, documented_keys(DOC.read_text(encoding="utf-8"))["sample_results.json"])
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*FAST, "--steps", "2", "--resume", "latest", "--output-dir", str(out), "--set",
                      "prompt_column=Short"]) == 0

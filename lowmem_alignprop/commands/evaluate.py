@@ -50,6 +50,7 @@ from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE
 from lowmem_alignprop.run.runlock import hold_folder
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import resolution_of
+from lowmem_alignprop.step.hub_prompts import read_source
 from lowmem_alignprop.step.inputs import prepare_inputs
 from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_note
 
@@ -155,6 +156,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     results = {
         "model": cfg.model, **({"model_revision": revision} if revision else {}),
         "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
+        **({"prompts_source": source} if prompt_set == cfg.prompts and (source := read_source(cfg.prompts)) else {}),
         "loras": [s.record() for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts"
                              if specs else None,

@@ -181,13 +181,16 @@ def read_sources(cfg) -> dict[str, dict]:
     """What prompts.json and each checkpoint record of the hub dataset files ``cfg``'s prompts (and its held-out
     prompts, where it evaluates) were read from: ``{field: HubTable.record()}`` (a built-in set or a local file:
     none). Asked after they were read: the files are fetched already."""
-    found = {}
-    for field in PROMPT_FIELDS if cfg.eval_every else PROMPT_FIELDS[:1]:
-        spec = getattr(cfg, field)
-        table = hub_table(spec, TableRead(prefix=field.removesuffix("prompts"))) if spec else None
-        if table is not None:
-            found[field] = table.record()
-    return found
+    found = {field: read_source(getattr(cfg, field), field) for field in (
+        PROMPT_FIELDS if cfg.eval_every else PROMPT_FIELDS[:1])}
+    return {field: record for field, record in found.items() if record is not None}
+
+
+def read_source(spec: str, field: str = "prompts") -> dict[str, str] | None:
+    """:meth:`HubTable.record` of the hub dataset file ``spec`` (``field``'s value) names, None for another prompt
+    set."""
+    table = hub_table(spec, TableRead(prefix=field.removesuffix("prompts"))) if spec else None
+    return None if table is None else table.record()
 
 
 def resumed_pins(state: dict | None, cfg) -> dict[str, dict]:
