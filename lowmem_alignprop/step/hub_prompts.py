@@ -12,6 +12,7 @@ it (:class:`HubTable`): prompts.json and each checkpoint record it, and a resume
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ def hub_table(spec: str, how: TableRead) -> HubTable | None:
     key = (repo, file, revision, str(constants.HF_HUB_CACHE))
     if key not in _FETCHED or not _FETCHED[key].path.is_file():
         _FETCHED[key] = _download(repo, file, revision, spec, how)
-    return HubTable(**{**_FETCHED[key].__dict__, "spec": spec})
+    return dataclasses.replace(_FETCHED[key], spec=spec)
 
 
 def choose_table(repo: str, revision: str, files: list[str], spec: str, how: TableRead) -> str:
