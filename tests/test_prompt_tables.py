@@ -365,3 +365,20 @@ def test_sample_and_plan_read_a_table_as_training_does(tmp_path, capsys, command
                           "--output-dir", str(out)],
                    f"error: prompt_column=Promt: prompt file {tmp_path / 'parti.tsv'} has no column 'Promt' (its "
                    "columns: Prompt, Category, Note): give --set prompt_column=Prompt", out, capsys)
+
+
+def test_a_tsv_written_without_quoting_keeps_a_prompt_that_starts_with_a_quote(tmp_path):
+    """PartiPrompts.tsv writes its cells as they are: its row '"G I G G L E" painted ...' keeps its quotes (a CSV
+    reader's quoting took them off), and a cell that opens a quote it never closes is no cell swallowing the rows
+    after it; a quoted TSV (a spreadsheet's, Python's csv) still reads its quoted cells. A CSV with such a cell is
+    one line saying how a cell with quotes is written."""
+    table = tmp_path / "parti.tsv"
+    table.write_text('Prompt\tCategory\n"G I G G L E" painted as graffiti\tIllustrations\na "Stop" sign\tArtifacts\n'
+                     '"unclosed\tArtifacts\nbagel\tFood\n', encoding="utf-8")
+    assert load_prompts(str(table)) == ['"G I G G L E" painted as graffiti', 'a "Stop" sign', '"unclosed', "bagel"]
+    assert load_prompts(str(table), "", "Category=Artifacts") == ['a "Stop" sign', '"unclosed']
+    (tmp_path / "q.csv").write_text('prompt,kind\n"Deep Learning" on a sign,text\na cat,animal\n', encoding="utf-8")
+    assert refused(str(tmp_path / "q.csv")) == (
+        f"prompt file {tmp_path / 'q.csv'} is not a readable CSV file: ',' expected after '\"' (line 2): a CSV cell "
+        'that holds a quote is written whole in quotes, each quote in it doubled ("""Deep Learning"" on a sign"), as '
+        "a spreadsheet saves it")

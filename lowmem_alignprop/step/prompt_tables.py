@@ -207,12 +207,20 @@ def _json_kind(value: Any) -> str:
 
 
 def _delimited(text: str, delimiter: str, kind: str, shown: str) -> Opened:
-    """A CSV or TSV table: its first row the column names; blank lines skipped; a short row's missing cells empty."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    """A CSV or TSV table: its first row the column names; blank lines skipped; a short row's missing cells empty.
+    Quoted cells are read as a spreadsheet writes them, strictly: a TSV whose quotes are no quoting (one written as
+    it is, PartiPrompts': '"G I G G L E" painted ...') is read cell by cell as written; a CSV's, one line."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         lines = [row for row in reader if row]
     except csv.Error as e:
-        raise UserError(f"prompt file {shown} is not a readable {kind} file: {e} (line {reader.line_num})") from None
+        if kind == "TSV":  # (a tab or line break cannot be in its cells: each line a row, each tab a cell)
+            lines = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter,
+                                               quoting=csv.QUOTE_NONE) if row]
+        else:
+            raise UserError(f"prompt file {shown} is not a readable {kind} file: {e} (line {reader.line_num}): a CSV "
+                            'cell that holds a quote is written whole in quotes, each quote in it doubled ("""Deep '
+                            'Learning"" on a sign"), as a spreadsheet saves it') from None
     if not lines:
         raise UserError(f"prompt file {shown} is empty: a {kind} table's first row names its columns")
     columns = lines[0]
