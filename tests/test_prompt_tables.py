@@ -382,3 +382,15 @@ def test_a_tsv_written_without_quoting_keeps_a_prompt_that_starts_with_a_quote(t
         f"prompt file {tmp_path / 'q.csv'} is not a readable CSV file: ',' expected after '\"' (line 2): a CSV cell "
         'that holds a quote is written whole in quotes, each quote in it doubled ("""Deep Learning"" on a sign"), as '
         "a spreadsheet saves it")
+
+
+def test_excels_semicolon_csv_reads_its_columns(tmp_path):
+    """Excel where a comma is the decimal mark saves CSV with semicolons (and a byte-order mark, CRLF): its header
+    read as one column 'Prompt;Category' and a prompt_column naming it trained on 'a cat;Animals'. A CSV whose
+    header is one cell holding semicolons is read with semicolons; a one-column CSV's prompts keep theirs."""
+    table = tmp_path / "excel.csv"
+    table.write_bytes("\ufeffPrompt;Category\r\na cat, asleep;Animals\r\n\"a bus; red\";Vehicles\r\n".encode())
+    assert load_prompts(str(table)) == ["a cat, asleep", "a bus; red"]
+    assert load_prompts(str(table), "", "Category=Vehicles") == ["a bus; red"]
+    (tmp_path / "one.csv").write_text("prompt\na cat; asleep\n", encoding="utf-8")
+    assert load_prompts(str(tmp_path / "one.csv")) == ["a cat; asleep"]

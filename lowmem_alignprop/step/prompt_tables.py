@@ -165,7 +165,7 @@ def _parsed(path: Path, kind: str, shown: str) -> Opened:
     """A CSV, TSV, JSON or JSON lines table's columns and rows, read whole (its text: prompt_files')."""
     text = prompt_file_text(path)
     if kind in ("CSV", "TSV"):
-        return _delimited(text, "," if kind == "CSV" else "\t", kind, shown)
+        return _delimited(text, _csv_delimiter(text) if kind == "CSV" else "\t", kind, shown)
     if kind == "JSON":
         try:
             data = json.loads(text)
@@ -226,6 +226,13 @@ def _delimited(text: str, delimiter: str, kind: str, shown: str) -> Opened:
     columns = lines[0]
     rows = [(f"row {n}", dict(zip(columns, cells))) for n, cells in enumerate(lines[1:], 1)]
     return columns, lambda _: rows
+
+
+def _csv_delimiter(text: str) -> str:
+    """A CSV's delimiter: a comma, or a semicolon where its header is one cell that holds semicolons (Excel's CSV
+    where the comma is the decimal mark: 'Prompt;Category')."""
+    header = next((row for row in csv.reader(io.StringIO(text, newline="")) if row), [])
+    return ";" if len(header) == 1 and ";" in header[0] else ","
 
 
 def _parquet(path: Path, shown: str) -> Opened:
