@@ -394,3 +394,12 @@ def test_excels_semicolon_csv_reads_its_columns(tmp_path):
     assert load_prompts(str(table), "", "Category=Vehicles") == ["a bus; red"]
     (tmp_path / "one.csv").write_text("prompt\na cat; asleep\n", encoding="utf-8")
     assert load_prompts(str(tmp_path / "one.csv")) == ["a cat; asleep"]
+
+
+def test_a_long_cell_reads_as_a_text_files_long_line_does(tmp_path):
+    """A cell of 200,000 characters (over Python csv's 131,072 field limit) is one prompt, as a text file's line of
+    that length is: it was 'not a readable CSV file: field larger than field limit'."""
+    long = "a red fox " * 20_000
+    for name, sep in (("long.csv", ","), ("long.tsv", "\t")):
+        (tmp_path / name).write_text(f"prompt{sep}kind\n{long}{sep}x\na cat{sep}y\n", encoding="utf-8")
+        assert load_prompts(str(tmp_path / name)) == [long.strip(), "a cat"]

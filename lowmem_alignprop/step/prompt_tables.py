@@ -165,6 +165,7 @@ def _parsed(path: Path, kind: str, shown: str) -> Opened:
     """A CSV, TSV, JSON or JSON lines table's columns and rows, read whole (its text: prompt_files')."""
     text = prompt_file_text(path)
     if kind in ("CSV", "TSV"):
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell as long as a text file's line may be
         return _delimited(text, _csv_delimiter(text) if kind == "CSV" else "\t", kind, shown)
     if kind == "JSON":
         try:
