@@ -403,3 +403,22 @@ def test_a_long_cell_reads_as_a_text_files_long_line_does(tmp_path):
     for name, sep in (("long.csv", ","), ("long.tsv", "\t")):
         (tmp_path / name).write_text(f"prompt{sep}kind\n{long}{sep}x\na cat{sep}y\n", encoding="utf-8")
         assert load_prompts(str(tmp_path / name)) == [long.strip(), "a cat"]
+
+
+def test_a_filter_on_a_parquet_date_or_bytes_column_compares_its_text(tmp_path):
+    """Pick-a-Pic's parquet holds a created_at timestamp and image bytes: a filter on them compared their cells as
+    JSON, which has no dates or bytes (a TypeError traceback); a date is compared as its ISO text, and a value no
+    row holds is the filter's line listing them."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import datetime
+
+    path = tmp_path / "pick.parquet"
+    pq.write_table(pa.table({"caption": ["a lamp", "a owl"], "day": [datetime.date(2023, 5, 1),
+                                                                       datetime.date(2023, 5, 2)],
+                             "image": [b"\x89PNG", b"\x89PNG"]}), path)
+    assert refused(str(path), "", "image=x").startswith(f"prompt_filter=image=x: no row of prompt file {path} has "
+                                                        "image=x (its image values: b'\\x89PNG'): give")
+    assert load_prompts(str(path), "", "day=2023-05-02") == ["a owl"]
+    assert refused(str(path), "", "day=May 2") == (
+        f"prompt_filter=day=May 2: no row of prompt file {path} has day=May 2 (its day values: 2023-05-01, "
+        "2023-05-02): give one of them, e.g. --set prompt_filter=day=2023-05-01")

@@ -147,10 +147,18 @@ def _prompt(cell: Any, at: str, column: str, how: TableRead, shown: str) -> str:
 
 
 def _as_text(cell: Any) -> str:
-    """A cell as a filter compares it: a string as it is, nothing as "", a number or true/false as JSON writes it."""
+    """A cell as a filter compares it: a string as it is, nothing as "", a number or true/false as JSON writes it, a
+    date or time (a Parquet column's) as its ISO text, what else JSON has not (bytes, a decimal) as Python writes it."""
     if isinstance(cell, str):
         return cell
-    return "" if cell is None else json.dumps(cell, ensure_ascii=False)
+    if cell is None:
+        return ""
+    if hasattr(cell, "isoformat"):
+        return cell.isoformat()
+    try:
+        return json.dumps(cell, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(cell)
 
 
 def _listed(columns: list[str]) -> str:
