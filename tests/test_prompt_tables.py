@@ -422,3 +422,11 @@ def test_a_filter_on_a_parquet_date_or_bytes_column_compares_its_text(tmp_path):
     assert refused(str(path), "", "day=May 2") == (
         f"prompt_filter=day=May 2: no row of prompt file {path} has day=May 2 (its day values: 2023-05-01, "
         "2023-05-02): give one of them, e.g. --set prompt_filter=day=2023-05-01")
+
+
+def test_a_table_of_a_header_alone_says_it_has_no_rows(tmp_path):
+    """A CSV of its header alone (an export of an empty sheet) has no rows: it was told 'every cell empty'."""
+    (tmp_path / "head.csv").write_text("Prompt,Category\r\n", encoding="utf-8")
+    assert refused(str(tmp_path / "head.csv")) == (
+        f"prompt file {tmp_path / 'head.csv'} has no rows, only its columns (Prompt, Category): give a table with "
+        "prompts")

@@ -84,6 +84,9 @@ def read_table(path: Path, how: TableRead, shown: str = "") -> list[str]:
                             f"columns: {_listed(columns)}): give --set {how.filter_field}="
                             + (f"{near}={value}" if near else "COLUMN=VALUE with one of them"))
         rows = rows_of([column] + ([wanted] if how.where else []))
+        if not rows:  # (a header alone: an empty sheet's export)
+            raise UserError(f"prompt file {shown} has no rows, only its columns ({_listed(columns)}): give a table "
+                            "with prompts")
         cells = [(at, row.get(column)) for at, row in _kept(rows, wanted, value, how, shown)]
     prompts = [p for at, cell in cells if (p := _prompt(cell, at, column, how, shown))]
     if not prompts:
