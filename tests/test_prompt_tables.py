@@ -321,6 +321,13 @@ def test_a_resume_reads_the_commit_its_run_read_and_a_changed_column_changes_its
     results = json.loads((sampled / "sample_results.json").read_text(encoding="utf-8"))
     assert results["prompts_source"] == {**source, "commit": moved.name} and len(results["per_prompt"]) == 1
     assert not undocumented(results, documented_keys(DOC.read_text(encoding="utf-8"))["sample_results.json"])
+    # sample of the run's LoRA renders the prompts its run trained on: the commit it read, as a hub model's is
+    assert main(["sample", str(out / "lora"), "--num-prompts", "1", "--set", "sample_steps=2", "--output-dir",
+                 str(tmp_path / "sampled-lora")]) == 0
+    results = json.loads((tmp_path / "sampled-lora" / "sample_results.json").read_text(encoding="utf-8"))
+    assert results["prompts"] == f"hf://datasets/o/set@{first}/set.tsv" and results["prompts_source"] == {
+        **source, "spec": results["prompts"]}
+    assert [row["prompt"] for row in results["per_prompt"]] == ["a red circle"]
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*FAST, "--steps", "2", "--resume", "latest", "--output-dir", str(out), "--set",
                      "prompt_column=Short"]) == 0

@@ -18,6 +18,7 @@ from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import PROMPT_READING, image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name
+from lowmem_alignprop.step.hub_prompts import run_sources, with_pinned_prompts
 from lowmem_alignprop.step.prompts import configured_prompts
 
 log = logging.getLogger("lowmem_alignprop")
@@ -51,11 +52,13 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         check_recorded_base(model, f"--lora {spec.arg}", "its state.json" if checkpoint else LORA_BASE_FILE)
     # a checkpoint: the settings its steps were made with (a later --resume may have changed the run's); else the
     # run: the folder named (RUN), or one or two above it (RUN/lora, RUN/export/kohya)
+    # a hub dataset's prompts at the commit its run read (the address alone reads the dataset's main now)
     if checkpoint is not None:
-        config = ckpt.read_state(checkpoint).get("config") or recorded
+        state = ckpt.read_state(checkpoint)
+        config = with_pinned_prompts(state.get("config") or recorded, state.get("prompt_sources"))
     else:
         run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
-        config = read_run(run)[0] if run else recorded
+        config = with_pinned_prompts(read_run(run)[0], run_sources(run)) if run else recorded
     return model, {**image_settings(config), **scoring_settings(config)}
 
 

@@ -315,13 +315,9 @@ def pinned_init_lora(line: str, commit: str | None) -> str:
 def prompt_sources(lora: Lora) -> dict[str, dict]:
     """The hub dataset files the run's prompts were read from (its prompts.json ``sources``: step/hub_prompts.py's
     records), else none."""
-    from lowmem_alignprop.run.filenames import PROMPTS_FILE
+    from lowmem_alignprop.step.hub_prompts import run_sources
 
-    try:
-        sources = json.loads((lora.run / PROMPTS_FILE).read_text(encoding="utf-8")).get("sources")
-    except (OSError, ValueError, TypeError, AttributeError):  # (no run, no record, a damaged one)
-        return {}
-    return sources if isinstance(sources, dict) else {}
+    return run_sources(lora.run) if isinstance(lora.run, Path) else {}
 
 
 def pinned_prompts(line: str, sources: dict[str, dict]) -> str:
@@ -336,11 +332,9 @@ def pinned_prompts(line: str, sources: dict[str, dict]) -> str:
 
 def _pinned_sources(sources: dict[str, dict]) -> dict[str, tuple[str, str]]:
     """{field: (the address given, the address of the commit and file read)} of :func:`prompt_sources`' records."""
-    from lowmem_alignprop.step.hub_prompts import address
+    from lowmem_alignprop.step.hub_prompts import recorded_address
 
-    keys = ("spec", "repo", "file", "commit")
-    return {field: (r["spec"], address(r["repo"], r["commit"], r["file"])) for field, r in sources.items()
-            if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys)}
+    return {field: (r["spec"], at) for field, r in sources.items() if (at := recorded_address(r)) is not None}
 
 
 def _with_values(line: str, option: str, field: str, change) -> str:

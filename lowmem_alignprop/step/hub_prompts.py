@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+from lowmem_alignprop.run.filenames import PROMPTS_FILE
 from lowmem_alignprop.run.hub import cached_files, few, offline, refused_by_hub, snapshot_of
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.step.prompt_tables import TABLE_KINDS, TableRead, is_table
@@ -50,6 +52,35 @@ class HubTable:
 
 def address(repo: str, revision: str = "", file: str = "") -> str:
     return f"{PREFIX}datasets/{repo}" + (f"@{revision}" if revision else "") + (f"/{file}" if file else "")
+
+
+def recorded_address(record: Any) -> str | None:
+    """The address of the commit and file a record (:meth:`HubTable.record`) names,
+    ``hf://datasets/OWNER/NAME@COMMIT/FILE`` (the address given reads the dataset's main now); None for a damaged
+    record."""
+    keys = ("spec", "repo", "file", "commit")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in keys):
+        return None
+    return address(record["repo"], record["commit"], record["file"])
+
+
+def run_sources(run: Path) -> dict[str, dict]:
+    """The records of the hub dataset files a run's prompts were read from (its prompts.json ``sources``), else
+    none."""
+    try:
+        sources = json.loads((run / PROMPTS_FILE).read_text(encoding="utf-8")).get("sources")
+    except (OSError, ValueError, TypeError, AttributeError):  # (no record, a damaged one)
+        return {}
+    return sources if isinstance(sources, dict) else {}
+
+
+def with_pinned_prompts(config: dict, sources: Any) -> dict:
+    """A run's ``config`` with each prompt set (prompts, eval_prompts) read from a hub dataset (``sources``: its
+    records) named at the commit and file the run read: read again, it is what the run trained on."""
+    pinned = {field: at for field, record in (sources.items() if isinstance(sources, dict) else ())
+              if field in PROMPT_FIELDS and (at := recorded_address(record)) is not None
+              and config.get(field) == record["spec"]}
+    return {**config, **pinned}
 
 
 def dataset_file(spec: str, how: TableRead) -> tuple[str, str, str] | None:
