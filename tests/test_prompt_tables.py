@@ -437,3 +437,24 @@ def test_a_table_of_a_header_alone_says_it_has_no_rows(tmp_path):
     assert refused(str(tmp_path / "head.csv")) == (
         f"prompt file {tmp_path / 'head.csv'} has no rows, only its columns (Prompt, Category): give a table with "
         "prompts")
+
+
+def test_sample_of_a_tables_rows_records_and_says_its_column_and_filter(tmp_path, fresh_log_handlers, caplog):
+    """sample --prompts t.tsv --set prompt_filter=Category=Animals renders that category's rows: sample_results.json
+    recorded 'prompts': 't.tsv' alone (the file's other rows not rendered, nothing saying so) and its line said 'the
+    prompt set t.tsv has 3' of a file of 5 rows. The column and filter go with the file, in the record and the
+    lines."""
+    import logging
+
+    (tmp_path / "parti.tsv").write_text(PARTI, encoding="utf-8")
+    out = tmp_path / "sampled"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", "--prompts", str(tmp_path / "parti.tsv"), "--set", "prompt_filter=Category=Animals",
+                     "--num-prompts", "4", "--set", "sample_steps=2", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "sample_results.json").read_text(encoding="utf-8"))
+    assert results["prompts"] == str(tmp_path / "parti.tsv") and results["prompt_filter"] == "Category=Animals"
+    assert "prompt_column" not in results and len(results["per_prompt"]) == 3
+    assert not undocumented(results, documented_keys(DOC.read_text(encoding="utf-8"))["sample_results.json"])
+    assert (f"--num-prompts 4: the prompt set {tmp_path / 'parti.tsv'} (prompt_filter=Category=Animals) has 3; using "
+            "all of them") in [r.getMessage() for r in caplog.records]
+

@@ -51,6 +51,7 @@ from lowmem_alignprop.run.runlock import hold_folder
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import resolution_of
 from lowmem_alignprop.step.hub_prompts import read_source
+from lowmem_alignprop.step.prompts import described, read_with
 from lowmem_alignprop.step.inputs import prepare_inputs
 from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_note
 
@@ -128,8 +129,8 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     loading.check_before_load(cfg)  # a sampler or VAE loading would refuse (header reads): before any line on prompts
     chosen = given[:num_prompts]
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
-        log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
-                                                   "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
+        log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d for all of them)", num_prompts,
+                 len(given), described(cfg), len(given))
     if (note := off_grammar_note(cfg.model, chosen)) is not None:  # as training says it (their rewards are averaged in)
         log.warning("%s", note)
     refuse_a_runs_folder(Path(cfg.output_dir))
@@ -143,7 +144,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
               images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
     t0 = time.perf_counter()
     if len(prompts) < num_prompts:
-        log.warning("--num-prompts %d: the prompt set %s has %d; using all of them", num_prompts, cfg.prompts,
+        log.warning("--num-prompts %d: the prompt set %s has %d; using all of them", num_prompts, described(cfg),
                     len(prompts))
     device, weight_dtype, allocator, reward = _device_and_reward(cfg)
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
@@ -156,6 +157,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     results = {
         "model": cfg.model, **({"model_revision": revision} if revision else {}),
         "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
+        **(read_with(cfg) if prompt_set == cfg.prompts else {}),  # (a table's column and filter: which rows)
         **({"prompts_source": source} if prompt_set == cfg.prompts and (source := read_source(cfg.prompts)) else {}),
         "loras": [s.record() for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts"

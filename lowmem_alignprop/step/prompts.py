@@ -142,11 +142,31 @@ def load_prompts(spec: str, column: str = "", where: str = "", prefix: str = "")
 def configured_prompts(settings: Any, field: str = "prompts") -> list[str]:
     """The prompts a configuration (a Config, or a run's config as a dict) names in ``field`` (``prompts``, or
     ``eval_prompts``), read with its column and filter settings (prompt_column and prompt_filter, or eval_'s)."""
+    reading = read_with(settings, field)
     prefix = field.removesuffix("prompts")
+    return load_prompts(_setting(settings, field), reading.get(f"{prefix}prompt_column", ""),
+                        reading.get(f"{prefix}prompt_filter", ""), prefix)
 
-    def get(name: str) -> Any:
-        return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, "")
-    return load_prompts(get(field), get(f"{prefix}prompt_column") or "", get(f"{prefix}prompt_filter") or "", prefix)
+
+def read_with(settings: Any, field: str = "prompts") -> dict[str, str]:
+    """The column and filter settings a configuration reads ``field``'s table with (prompt_column and prompt_filter,
+    or eval_'s), those given: ``{name: value}`` (sample_results.json records them beside the prompt set)."""
+    prefix = field.removesuffix("prompts")
+    names = (f"{prefix}prompt_column", f"{prefix}prompt_filter")
+    return {name: str(value) for name in names if (value := _setting(settings, name))}
+
+
+def described(settings: Any, field: str = "prompts") -> str:
+    """How a line names ``field``'s prompt set: its name or file, with the column and filter it is read with
+    ('parti.tsv (prompt_filter=Category=Animals)': the file's other rows are no part of it)."""
+    reading = read_with(settings, field)
+    return f"{_setting(settings, field)}" + (f" ({', '.join(f'{k}={v}' for k, v in reading.items())})"
+                                             if reading else "")
+
+
+def _setting(settings: Any, name: str) -> Any:
+    """A configuration's setting: a Config's attribute, or a run's config (a dict) key ("" where it has none)."""
+    return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, "")
 
 
 def _file_suffix(path: Path) -> bool:
