@@ -458,3 +458,28 @@ def test_sample_of_a_tables_rows_records_and_says_its_column_and_filter(tmp_path
     assert (f"--num-prompts 4: the prompt set {tmp_path / 'parti.tsv'} (prompt_filter=Category=Animals) has 3; using "
             "all of them") in [r.getMessage() for r in caplog.records]
 
+
+def test_held_out_rows_of_the_training_table_name_their_filters(tmp_path, caplog):
+    """Train on a table's rows, hold out others: a held-out row that also trains is left out as a text file's line
+    is, said with the filter that chose the rows (it said 'of its 3 prompts' of a file of 5 rows); every row
+    training is one line that names the filters to change (it said 'give prompts the run does not train on')."""
+    import logging
+
+    from lowmem_alignprop.step.inputs import split_eval_prompts
+
+    (tmp_path / "parti.tsv").write_text(PARTI, encoding="utf-8")
+    parti = str(tmp_path / "parti.tsv")
+    cfg = Config(prompts=parti, prompt_filter="Note=twice", eval_prompts=parti, eval_every=1,
+                 eval_prompt_filter="Category=Animals")
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert split_eval_prompts(cfg, configured_prompts(cfg)) == (["a dog"], ["a cat in a hat"])
+    assert (f"eval_prompts={parti} (eval_prompt_filter=Category=Animals): 2 of its 3 prompts also train (or repeat) "
+            "and are left out of the evaluation") in [r.getMessage() for r in caplog.records]
+    cfg = Config(prompts=parti, prompt_filter="Category=Animals", eval_prompts=parti, eval_every=1,
+                 eval_prompt_filter="Category=Animals")
+    with pytest.raises(UserError) as e:
+        split_eval_prompts(cfg, configured_prompts(cfg))
+    assert str(e.value) == (
+        f"eval_prompts={parti} (eval_prompt_filter=Category=Animals): every one of its 3 prompts is also a training "
+        "prompt, so none is held out: give prompts the run does not train on (rows of the training table: another "
+        "eval_prompt_filter or prompt_filter)")

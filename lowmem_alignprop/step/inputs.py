@@ -169,7 +169,7 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
     Without: (prompts, []). Prompts that differ in case or spacing only are one prompt. ``started``: a resumed run's
     config at its checkpoint: the prompts it set aside stay out of training and are its held-out ones, whatever seed
     or evaluation settings the resume gives (another seed drew others, which it had trained on)."""
-    from lowmem_alignprop.step.prompts import configured_prompts
+    from lowmem_alignprop.step.prompts import configured_prompts, described
 
     def unique(keyed: list[str]) -> list[str]:  # one prompt per key, in order
         return list({prompt_key(p): p for p in reversed(keyed)}.values())[::-1]
@@ -189,12 +189,15 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         given = configured_prompts(cfg, "eval_prompts")
         held = unique([p for p in given if prompt_key(p) not in trained])
         if not held:
-            raise UserError(f"eval_prompts={cfg.eval_prompts}: every one of its {len(given)} prompts is also a "
-                            "training prompt, so none is held out: give prompts the run does not train on")
+            raise UserError(f"eval_prompts={described(cfg, 'eval_prompts')}: every one of its {len(given)} prompts "
+                            "is also a training prompt, so none is held out: give prompts the run does not train on"
+                            + (" (rows of the training table: another eval_prompt_filter or prompt_filter)"
+                               if cfg.eval_prompts == cfg.prompts and cfg.eval_prompt_filter + cfg.prompt_filter
+                               else ""))
         if len(held) < len(given) and global_rank() == 0:  # every rank splits alike: rank 0 says it
             logging.getLogger("lowmem_alignprop").info(
                 "eval_prompts=%s: %d of its %d prompts also train (or repeat) and are left out of the evaluation",
-                cfg.eval_prompts, len(given) - len(held), len(given))
+                described(cfg, "eval_prompts"), len(given) - len(held), len(given))
         return train, held
     if not aside and held_by.get("eval_every") and not held_by.get("eval_prompts"):  # too few prompts to hold out
         holdout = int(held_by.get("eval_holdout", Config.eval_holdout))
