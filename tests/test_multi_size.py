@@ -381,3 +381,27 @@ def test_lower_resolution_lowers_every_size():
     cfg = Config(model="tiny", resolution="1024,1216x832", batch_size=1).validate()
     assert [c for _, c in fit_changes.candidate_changes(cfg, "cpu") if "resolution" in c] == [
         {"resolution": [768, "896x576"]}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the figures a run of several sizes reports
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_cpu_runs_measured_step_is_one_at_the_largest_size(tmp_path, caplog):
+    """A CPU counts the allocation of one step past the warm-up: with sizes 64, 32 the second step is at 32 px, so
+    the measured step is step 3, at 64 (the peak the budget is told of is the largest size's); where no step past
+    the warm-up is at the largest, one line says which size was measured and how to measure the largest."""
+    import logging
+
+    out = tmp_path / "run"
+    assert main([*BASE, "--set", "resolution=64,32", "--steps", "3", "--output-dir", str(out)]) == 0
+    rows = strict_rows(out)
+    assert [(r["width"], r["peak_memory_gb"] is not None) for r in rows] == [(64, False), (32, False), (64, True)]
+    report = json.loads((out / "memory_report.json").read_text())
+    assert report["peak_step"] == 3 and report["summary_steps"]["peak_measured_steps"] == "3"
+    short = tmp_path / "short"
+    with caplog.at_level(logging.WARNING):
+        assert main([*BASE, "--set", "resolution=64,32", "--steps", "2", "--output-dir", str(short)]) == 0
+    assert ("memory: this CPU run measures the allocation of step 2, at 32 px, not of the largest size, 64 px, which "
+            "trains at no later step of this start (step 1 is the warm-up): --steps 3 or more measures "
+            "it") in caplog.messages

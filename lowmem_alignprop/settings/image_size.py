@@ -84,6 +84,13 @@ def largest_size(resolution: Any) -> tuple[int, int]:
     return max(sizes_of(resolution), key=lambda s: s[0] * s[1])
 
 
+def first_step_at_largest(resolution: Any, first: int, last: int) -> int | None:
+    """The first step from ``first`` to ``last`` (1-based, over the whole run) at a size of the most pixels (the
+    steps take the sizes in turn, as :func:`step_size`); None where none of them is."""
+    pixels = [width * height for width, height in sizes_of(resolution)]
+    return next((s for s in range(first, last + 1) if pixels[(s - 1) % len(pixels)] == max(pixels)), None)
+
+
 def describe_sizes(resolution: Any) -> str:
     """The sizes as a plan, a card or a line names them: ``1024``, ``1216x832`` or ``1024, 1216x832, 832x1216``."""
     return ", ".join(str(v) for v in size_values(resolution))

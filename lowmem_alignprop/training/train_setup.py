@@ -17,6 +17,7 @@ import torch
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, flag_value
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.image_size import first_step_at_largest, largest_size, resolution_of, step_size
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.memory import host_allocator, precision, stages
@@ -125,13 +126,28 @@ class RunSetup:
         self.host_allocator = host_allocator.release_freed_tensors(cfg.cpu_malloc_threshold_kib) if cpu else None
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = precision.frozen_weight_dtype(self.accelerator.mixed_precision, self.device.type)
-        measured = min(self.start + 2, cfg.steps)  # a CPU counts the allocation of this process's second step (past
-        # its warm-up; a resume's own, not step 2)
+        measured = self.measured_step()  # a CPU counts the allocation of one step past this process's warm-up
         self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={measured},
                                   snapshot_steps=self.memory_snapshot)
         self.prof.host_allocator = self.host_allocator
         self.place = Placement(self.device, offload=cfg.offload_frozen)
         self.guard = faults.StageGuard(self.prof.stage)  # names the stage an out-of-memory error happens in
+
+    def measured_step(self) -> int:
+        """The step whose allocation a CPU counts: this process's second (past its warm-up; a resume's own, not step
+        2); of several sizes, the first from it at the largest size (the peak that must fit), said where none is."""
+        cfg = self.cfg
+        first = min(self.start + 2, cfg.steps)
+        if (measured := first_step_at_largest(cfg.resolution, first, cfg.steps)) is not None:
+            return measured
+        if self.device.type == "cpu" and self.is_main:
+            more = first_step_at_largest(cfg.resolution, first, first + len(cfg.sizes))
+            warmup = f" (step {self.start + 1} is the warm-up)" if first > self.start + 1 else ""
+            log.warning("memory: this CPU run measures the allocation of step %d, at %s px, not of the largest size, "
+                        "%s px, which trains at no later step of this start%s: --steps %d or more measures it", first,
+                        resolution_of(*step_size(cfg, first)), resolution_of(*largest_size(cfg.resolution)), warmup,
+                        more)
+        return first
 
     def load_models(self) -> None:
         from lowmem_alignprop.run.distributed import whole_models
