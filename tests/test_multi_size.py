@@ -405,3 +405,35 @@ def test_a_cpu_runs_measured_step_is_one_at_the_largest_size(tmp_path, caplog):
     assert ("memory: this CPU run measures the allocation of step 2, at 32 px, not of the largest size, 64 px, which "
             "trains at no later step of this start (step 1 is the warm-up): --steps 3 or more measures "
             "it") in caplog.messages
+
+
+def test_max_minutes_counts_a_next_step_at_a_larger_size_than_those_timed(tmp_path, monkeypatch, capsys):
+    """Sizes 32, 64 with a step's time its pixels' (5 min at 32 px, 20 at 64) and --max-minutes 20: after step 1 (5
+    min used) the next step is at 64 px, 4x the pixels of the one timed, so 20 min: 5 + 20 + the end's minute pass 20
+    and the run stops after step 1 (timed by step 1 alone it trained step 2 and ended past 25 min). A resume times
+    its first step by the recorded ones alike: step 2 at 64 px after a recorded 32 px step of 5 min leaves no room."""
+    from lowmem_alignprop.run import time_limit
+    from lowmem_alignprop.training.train import Trainer
+
+    now = [1000.0]
+    monkeypatch.setattr(time_limit, "clock", lambda: now[0])
+    original = Trainer.train_step
+
+    def timed(self, step):
+        done = original(self, step)
+        width, height = step_size(self.cfg, step)
+        done.row["seconds"] = 300.0 * width * height / 32 ** 2  # (the checkpoint records the row's time)
+        now[0] += done.row["seconds"]
+        return done
+
+    monkeypatch.setattr(Trainer, "train_step", timed)
+    out = tmp_path / "run"
+    args = [*BASE, "--set", "sample_prompts=0", "--set", "resolution=32,64", "--steps", "3", "--output-dir", str(out)]
+    assert main([*args, "--max-minutes", "20"]) == 0
+    assert [r["step"] for r in strict_rows(out)] == [1]
+    assert json.loads((out / "summary.json").read_text())["time_limit"]["stopped_at"] == 1
+    capsys.readouterr()
+    assert main([*args, "--resume", "latest", "--max-minutes", "20"]) == 2
+    assert "leaves no time to train: 0.0 s went to loading and the renders before the first step, a step up to " \
+           "20.0 min, and the end's work" in capsys.readouterr().err
+    assert [r["step"] for r in strict_rows(out)] == [1]

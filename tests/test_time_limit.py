@@ -230,7 +230,7 @@ def test_under_a_launcher_every_rank_takes_rank_0s_decision(clock, monkeypatch):
 
     asked = []
     monkeypatch.setattr(distributed, "rank_0_says", lambda accelerator, flag: asked.append(flag) or True)
-    me = SimpleNamespace(time_limit=TimeLimit(30, started=clock.now), cfg=SimpleNamespace(steps=5),
+    me = SimpleNamespace(time_limit=TimeLimit(30, started=clock.now), cfg=SimpleNamespace(steps=5, resolution=64),
                          accelerator=SimpleNamespace(num_processes=2))
     me.time_limit.begin_lap()
     clock.now += 60

@@ -41,6 +41,19 @@ def stops_before_next_step(used_s: float, limit_s: float, slowest_step_s: float 
     return used_s + (slowest_step_s or 0.0) + renders_s + writes_s + margin_s > limit_s
 
 
+def next_step_s(steps: list[tuple[float, int | None]], next_pixels: int | None = None) -> float | None:
+    """The next step's time as the timed ``steps`` tell it, ``(seconds, the pixels of its images)`` each: the slowest,
+    a step at fewer pixels than the next one's (several sizes a run) scaled up by the pixel ratio, as the denoiser's
+    and the decode's work grows with the pixels; None where none is timed. Pixels None (not known): taken as equal.
+
+    >>> next_step_s([(300.0, 32 * 32), (1000.0, 64 * 64)], next_pixels=128 * 128)
+    4800.0
+    >>> next_step_s([(300.0, 64 * 64), (100.0, 32 * 32)], next_pixels=32 * 32)
+    300.0
+    """
+    return max((s * max(1.0, next_pixels / p if next_pixels and p else 1.0) for s, p in steps), default=None)
+
+
 def minutes(seconds: float) -> str:
     """'12.5 min'; under a minute '40 s', under 10 s '0.3 s'."""
     return f"{seconds / 60.0:.1f} min" if seconds >= 60 else f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
@@ -63,6 +76,7 @@ class TimeLimit:
         # card or configuration, and of no use once its own are known), then this start's (:meth:`step_done`)
         self.slowest_step_s = max(steps_s) if steps_s else None
         self.own_steps_s: list[float] = []
+        self.own_pixels: list[int | None] = []  # the pixels of each own step's images (several sizes: its size's)
         self.renders_s = 0.0  # the before renders' seconds (the after ones take as long)
         self.slowest_checkpoint_s: float | None = None
         self.end_bytes = end_bytes
@@ -95,14 +109,18 @@ class TimeLimit:
         """The next step's time starts now (before the first step of a start)."""
         self.lap_began = clock()
 
-    def step_done(self, less_s: float = 0.0) -> None:
+    def step_done(self, less_s: float = 0.0, pixels: int | None = None, next_pixels: int | None = None) -> None:
         """The step since :meth:`begin_lap` ended (less ``less_s``: its checkpoint, which the end's work counts). The
         next step is predicted by this start's slowest step after its first, once there is one: the first carries
         the warm-up (torch.compile's compile, the allocator's and kernels' first calls, an evaluation owed from before
-        the resume) that no later step repeats; by that first step alone until then."""
+        the resume) that no later step repeats; by that first step alone until then. ``pixels``, ``next_pixels``:
+        the pixels of this step's images and the next's (several sizes: a next step larger than those timed is
+        scaled up, :func:`next_step_s`)."""
         now = clock()
         self.own_steps_s.append(now - self.lap_began - less_s)
-        self.slowest_step_s = max(self.own_steps_s[1:] or self.own_steps_s)
+        self.own_pixels.append(pixels)
+        timed = list(zip(self.own_steps_s, self.own_pixels))
+        self.slowest_step_s = next_step_s(timed[1:] or timed, next_pixels)
         self.lap_began = now
 
     def checkpoint_took(self, seconds: float) -> None:

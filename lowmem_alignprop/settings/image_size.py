@@ -79,6 +79,12 @@ def step_size(cfg: Any, step: int) -> tuple[int, int]:
     return sizes[(step - 1) % len(sizes)]
 
 
+def step_pixels(cfg: Any, step: int) -> int:
+    """The pixels of each image of optimizer step ``step`` (:func:`step_size`'s width x height)."""
+    width, height = step_size(cfg, step)
+    return width * height
+
+
 def largest_size(resolution: Any) -> tuple[int, int]:
     """(width, height) of the size with the most pixels (the first of equals): the step whose memory must fit."""
     return max(sizes_of(resolution), key=lambda s: s[0] * s[1])

@@ -22,7 +22,7 @@ import torch
 
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, set_flags
-from lowmem_alignprop.settings.image_size import sizes_note, step_size
+from lowmem_alignprop.settings.image_size import sizes_note, step_pixels, step_size
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
@@ -752,7 +752,9 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         if not limit.on or self.refinish:
             return
         recorded = self.point.state.get("history", []) if self.point is not None else []
-        limit.slowest_step_s = max([h["seconds"] for h in recorded if h.get("seconds") is not None], default=None)
+        timed = [(h["seconds"], h.get("width", 0) * h.get("height", 0))  # (several sizes: each row's size)
+                 for h in recorded if h.get("seconds") is not None]
+        limit.slowest_step_s = time_limit.next_step_s(timed, step_pixels(self.cfg, self.start + 1))
         limit.end_bytes = disk_space.run_bytes(self.cfg, self.params, self.start).least
         if limit_reached(limit, self.accelerator):
             raise UserError(limit.no_room_message())
@@ -766,7 +768,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             return False
         if checkpoint_s:
             limit.checkpoint_took(checkpoint_s)
-        limit.step_done(less_s=checkpoint_s)
+        limit.step_done(less_s=checkpoint_s, pixels=step_pixels(self.cfg, step),
+                        next_pixels=step_pixels(self.cfg, step + 1))
         return limit_reached(limit, self.accelerator)
 
     def stops_early(self, step: int) -> bool:
