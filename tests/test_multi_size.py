@@ -60,6 +60,14 @@ def test_resolution_takes_several_sizes_as_a_list_or_comma_separated(tmp_path):
     assert resolve_config(str(profile), {"model": "tiny"}, [])[1].resolution == cfg.resolution
 
 
+def test_set_takes_the_sizes_as_a_yaml_list_too():
+    """--set resolution=[64, 64x32] (a profile's YAML list written on the command line) is the comma list; [64] is
+    64; it was refused naming '[64' as not an image size."""
+    assert Config(**parse_set(["resolution=[64, 64x32,32x64]"])).validate().resolution == [64, "64x32", "32x64"]
+    assert Config(**parse_set(["resolution=[64]"])).validate().resolution == 64
+    assert Config(**parse_set(["resolution= [ 64x32 ] "])).validate().resolution == "64x32"
+
+
 def test_one_size_is_kept_as_one_size_and_each_step_is_at_it():
     """A list of one size is that size (config.yaml, resume and the before-image key as a single size's); at_step
     is the config itself, and the metrics row has no size: a one-size run is as it was."""

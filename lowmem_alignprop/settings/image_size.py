@@ -38,10 +38,15 @@ def parse_resolution(value: Any) -> int | str:
 
 def parse_sizes(value: Any) -> int | str | list[int | str]:
     """A profile's, a --set's or a run file's ``resolution``, one size or several: a list (YAML) or text with commas
-    (--set) -> the list of each size's :func:`parse_resolution` value, in the order given; a list of one size -> that
-    size, as a single size is kept. An empty item, a size given twice or more than :data:`MOST_SIZES`: one line."""
-    if isinstance(value, str) and "," in value:
-        items: Any = value.split(",")
+    (--set; in brackets too, as YAML writes a list) -> the list of each size's :func:`parse_resolution` value, in
+    the order given; a list of one size -> that size, as a single size is kept. An empty item, a size given twice
+    or more than :data:`MOST_SIZES`: one line."""
+    if isinstance(value, str) and (text := value.strip()).startswith("[") and text.endswith("]"):
+        items: Any = text[1:-1].split(",")  # a YAML list given to --set: resolution=[1024, 1216x832]
+        if len(items) == 1 and items[0].strip():
+            return parse_resolution(items[0])
+    elif isinstance(value, str) and "," in value:
+        items = value.split(",")
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
