@@ -69,8 +69,26 @@ class FieldParser(ArgumentParser):
             words = f"unrecognized arguments: {' '.join(extras)}"
             if (field := field_option(extras)) is not None:
                 raise UserError(f"{words}: {field[0]} is a config field: use --set {field[0]}={field[1]}")
+            if (cut := cut_set(sys.argv[1:] if args is None else list(args), extras[0])) is not None:
+                raise UserError(f"{words}: the shell cut --set {cut} at its space: quote it, --set '{cut}', or leave "
+                                f"the space out, --set {cut.replace(', ', ',')}")
             self.error(words)
         return parsed
+
+
+def cut_set(args: list[str], extra: str) -> str | None:
+    """A --set value the shell cut at a space after a comma (``--set resolution=64, 64x32``: "resolution=64," and
+    ``extra``, the first word argparse did not know), as it was meant, "resolution=64, 64x32"; None where there is
+    none."""
+    for i, word in enumerate(args[1:-1], start=1):
+        if args[i - 1] == "--set" and word.endswith(",") and args[i + 1] == extra:
+            words = [word]
+            for after in args[i + 1:]:  # (each word after a comma: "64x32," "32x64" of resolution=64, 64x32, 32x64)
+                words.append(after)
+                if not after.endswith(","):
+                    break
+            return " ".join(words)
+    return None
 
 
 def field_option(extras: list[str]) -> tuple[str, str] | None:

@@ -113,6 +113,16 @@ def test_bad_input_a_size_list_that_cannot_be_trained_is_one_line(value, line, t
                    f"error: {line}", out, capsys)
 
 
+def test_bad_input_a_set_cut_at_a_space_after_a_comma_says_to_quote_it(tmp_path, capsys):
+    """--set resolution=64, 64x32 unquoted: the shell gives --set "resolution=64," and a word "64x32", which argparse
+    called an unrecognized argument; the line names the quoted --set (or the list without the space)."""
+    out = tmp_path / "run"
+    assert_refused(main, [*BASE, "--steps", "1", "--set", "resolution=64,", "64x32", "--output-dir", str(out)],
+                   "error: unrecognized arguments: 64x32: the shell cut --set resolution=64, 64x32 at its space: "
+                   "quote it, --set 'resolution=64, 64x32', or leave the space out, --set resolution=64,64x32",
+                   out, capsys)
+
+
 def test_bad_input_a_profiles_list_with_an_empty_item_is_one_line(tmp_path, capsys):
     """A profile's YAML list alike: an empty item (null), and 0x40 read as written (YAML 1.1's hex 64)."""
     out = tmp_path / "run"
