@@ -249,6 +249,18 @@ def test_a_resume_that_changes_the_sizes_is_told_as_a_changed_resolution(runs, t
     assert "resume: resolution was '64,64x32,32x64' in the checkpoint, now '64x32,64'" in caplog.messages
 
 
+def test_a_resume_that_adds_a_size_reads_the_before_images_back(runs, tmp_path, monkeypatch):
+    """The renders are at the first size only: a resume that appends a size (the first kept) reads the before images
+    back, as one that changes nothing of them does; its step 4 is at the new size, 32 px."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    shapes: list = []
+    _decoded(monkeypatch, shapes)
+    assert main(["--output-dir", str(run), "--steps", "4", "--resume", "latest", "--set",
+                 f"resolution={SIZES},32"]) == 0
+    assert shapes == [(32, 32), SHAPES[0]]  # (step 4, then the after images; no before images rendered again)
+
+
 def test_the_records_of_a_run_of_several_sizes(runs, tmp_path):
     """The kohya header as sd-scripts writes a bucketed run's (ss_resolution and modelspec.resolution the first size,
     ss_enable_bucket, ss_bucket_info's images per size as the metrics rows count them); the card lists the sizes;

@@ -16,6 +16,7 @@ import torch
 from lowmem_alignprop.run import atomic, software
 from lowmem_alignprop.run.resume_rules import FREE_FIELDS, STRICT_FIELDS
 from lowmem_alignprop.settings.config import TRAINING_ONLY
+from lowmem_alignprop.settings.image_size import resolution_of
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -28,9 +29,10 @@ def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str], reward_
     reward's source (``reward_sha``: rewards.reward_source_digest, whose change a resume counts as another reward),
     the contents of the vae and reward_weights files (``files``: run/input_files.contents) and the software and device
     that render them (run/software.py's, whose change a resume records). A resume that changed any of them renders
-    the images again."""
+    the images again. Of several sizes only the first counts: the renders are at it."""
     ignored = (set(FREE_FIELDS) | TRAINING_ONLY) - set(STRICT_FIELDS) - {"init_lora"}
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored}
+    values["resolution"] = resolution_of(cfg.width, cfg.height)  # several sizes: the renders are at the first alone
     kept = [values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device)]
     text = json.dumps(kept + ([files] if files else []), sort_keys=True, default=str)  # (none: a key kept before them)
     return hashlib.sha256(text.encode()).hexdigest()
