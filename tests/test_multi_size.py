@@ -467,3 +467,15 @@ def test_max_minutes_counts_a_next_step_at_a_larger_size_than_those_timed(tmp_pa
     assert "leaves no time to train: 0.0 s went to loading and the renders before the first step, a step up to " \
            "20.0 min, and the end's work" in capsys.readouterr().err
     assert [r["step"] for r in strict_rows(out)] == [1]
+
+
+def test_an_out_of_memory_step_names_its_size(tmp_path, capsys, monkeypatch):
+    """Out of memory at step 2 of sizes 32, 64x32: the line names the step's size (the steps before it were at
+    another, so "at step 2" alone left which size ran out unsaid)."""
+    from lowmem_alignprop.run import faults
+
+    monkeypatch.setenv(faults.INJECT_ENV, "decode@2")
+    out = tmp_path / "run"
+    assert main([*BASE, "--set", "resolution=32,64x32", "--steps", "2", "--output-dir", str(out)]) == 2
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert "error: out of memory in stage 'decode' at step 2, at 64x32 px of sizes 32, 64x32 (peak so far" in err

@@ -244,10 +244,12 @@ def peak_so_far(history_peaks: list[float | None]) -> float | None:
 
 
 def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, fit: Fit | None,
-                auto_fit: bool, batch: int = 2) -> str:
+                auto_fit: bool, batch: int = 2, size: str | None = None) -> str:
+    """The line of an out-of-memory error; ``size``: the step's image size where the run has several ("64x32 px of
+    sizes 32, 64x32"), said after the step."""
     peak = "n/a on this device" if peak_gb is None else f"{peak_gb:.2f} GiB"
     budget = f"{budget_gb:g} GiB budget" if budget_gb else "no budget set"
-    when = "while the models load" if stage == stages.LOAD else f"at step {step}"
+    when = "while the models load" if stage == stages.LOAD else f"at step {step}" + (f", at {size}" if size else "")
     msg = f"out of memory in stage '{stage}' {when} (peak so far {peak}, {budget})"
     if fit is None:
         smaller = "lower resolution or batch_size" if batch > 1 else "lower resolution"  # (batch 1: the least)

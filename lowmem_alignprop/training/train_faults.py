@@ -17,6 +17,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import CONFIG_FILE
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line
+from lowmem_alignprop.settings.image_size import describe_sizes, resolution_of, step_size
 from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.measure import planner
 
@@ -42,7 +43,10 @@ class LoopFaults:
         weightless = not any(True for _ in self.reward.parameters())  # (brightness: nothing to checkpoint)
         fit = faults.next_fit(cfg, stage, suggest=planner.next_feature, skip=("reward_ckpt",) if weightless else ())
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
-        message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
+        size = (f"{resolution_of(*step_size(cfg, step))} px of sizes {describe_sizes(cfg.resolution)}"
+                if len(cfg.sizes) > 1 else None)  # (several sizes: the step's)
+        message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size,
+                                     size=size)
         self.rng.setstate(rng_before)  # a repeat, or the checkpoint's resume, draws this step's prompts and K again
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
             # the steps done so far are kept: --resume latest continues (with the change the message names)
