@@ -479,3 +479,16 @@ def test_an_out_of_memory_step_names_its_size(tmp_path, capsys, monkeypatch):
     assert main([*BASE, "--set", "resolution=32,64x32", "--steps", "2", "--output-dir", str(out)]) == 2
     [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert "error: out of memory in stage 'decode' at step 2, at 64x32 px of sizes 32, 64x32 (peak so far" in err
+
+
+def test_the_summarys_first_and_last_reward_pair_each_prompt_at_the_same_size():
+    """Sizes 64, 32 in turn, a reward of 1 at 64 px and 0 at 32 that never changes: the first three steps (64, 32,
+    64) and the last three (32, 64, 32) held other mixes of the sizes, so the summary said the reward fell by 1/3.
+    Each prompt is compared at each size in both windows: no change, one prompt."""
+    from lowmem_alignprop.run.runfolder import first_last_rewards
+
+    history = [{"step": s, "width": w, "height": w, "prompt_ids": [0], "rewards": [float(w == 64)],
+                "reward_mean": float(w == 64)} for s, w in zip(range(1, 7), [64, 32] * 3)]
+    said = first_last_rewards(history)
+    assert (said["reward_first"], said["reward_last"], said["reward_prompts"], said["reward_window"]) == (
+        0.5, 0.5, 1, 3)

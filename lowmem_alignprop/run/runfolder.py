@@ -367,13 +367,13 @@ def best_step(folder: Path) -> int | None:
 
 def first_last_rewards(history: list[dict], since: int = 1, prompts_since: int = 1) -> dict[str, Any]:
     """The run's reward at its start and at its end, on the same prompts: each prompt's mean reward over its images in
-    the first n and in the last n steps (n = 3, at most half the run, widened up to half the run until a prompt is
-    in both), averaged over the prompts in both. ``reward_prompts``: how many; ``reward_window``: n. Rows without
-    per-image prompts (runs before they were recorded) give the mean of every image in the windows instead
-    (``reward_prompts`` None: different prompts at the start and at the end). ``since``: the first step the run's
-    reward scored (a resume that changed the reward; rows without a step, of older runs, count). ``prompts_since``:
-    the first step of the run's prompts (a resume whose prompt file changed): the rows before it index other prompts,
-    so their ids match nothing (the means of every image, ``reward_prompts`` None)."""
+    the first n and in the last n steps (n = 3, at most half the run, widened up to half the run until a prompt is in
+    both; several sizes: a prompt at a size), averaged over the prompts in both. ``reward_prompts``: how many;
+    ``reward_window``: n. Rows without per-image prompts (runs before they were recorded) give the mean of every image
+    in the windows instead (``reward_prompts`` None: different prompts at the start and at the end). ``since``: the
+    first step the run's reward scored (a resume that changed the reward; rows without a step, of older runs, count).
+    ``prompts_since``: the first step of the run's prompts (a resume whose prompt file changed): the rows before it
+    index other prompts, so their ids match nothing (the means of every image, ``reward_prompts`` None)."""
     history = [h for h in history if h.get("step", since) >= since]
     history = [h if h.get("step", prompts_since) >= prompts_since else {k: v for k, v in h.items() if k != "prompt_ids"}
                for h in history]
@@ -391,20 +391,23 @@ def _first_last(history: list[dict]) -> dict[str, Any]:
         while not set(first) & set(last) and n < half:
             n += 1
             first, last = _per_prompt(history[:n]), _per_prompt(history[-n:])
-        common = sorted(set(first) & set(last))
+        common = sorted(set(first) & set(last), key=str)
         if common:
             return {"reward_first": sum(first[p] for p in common) / len(common),
                     "reward_last": sum(last[p] for p in common) / len(common),
-                    "reward_prompts": len(common), "reward_window": n}
+                    "reward_prompts": len({p for p, _ in common}), "reward_window": n}
     n = start
     return {"reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
             "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n, "reward_prompts": None, "reward_window": n}
 
 
-def _per_prompt(rows: list[dict]) -> dict[int, float]:
-    """Each prompt's (index into the run's prompts) mean reward over its images in ``rows``."""
-    seen: dict[int, list[float]] = {}
+def _per_prompt(rows: list[dict]) -> dict[tuple[int, Any], float]:
+    """Each prompt's (index into the run's prompts) mean reward over its images in ``rows``, at each image size
+    (several sizes a run: a step's ``width`` and ``height``; a reward differs by size, so the first and last steps'
+    are compared size by size): keyed (prompt, size)."""
+    seen: dict[tuple[int, Any], list[float]] = {}
     for row in rows:
+        size = (row.get("width"), row.get("height"))
         for p, r in zip(row["prompt_ids"], row["rewards"]):
-            seen.setdefault(int(p), []).append(float(r))
+            seen.setdefault((int(p), size), []).append(float(r))
     return {p: sum(v) / len(v) for p, v in seen.items()}
