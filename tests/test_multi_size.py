@@ -417,7 +417,7 @@ def test_lower_resolution_lowers_every_size():
 # the figures a run of several sizes reports
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_a_cpu_runs_measured_step_is_one_at_the_largest_size(tmp_path, caplog):
+def test_a_cpu_runs_measured_step_is_one_at_the_largest_size(tmp_path, caplog, capsys):
     """A CPU counts the allocation of one step past the warm-up: with sizes 64, 32 the second step is at 32 px, so
     the measured step is step 3, at 64 (the peak the budget is told of is the largest size's); where no step past
     the warm-up is at the largest, one line says which size was measured and how to measure the largest."""
@@ -425,6 +425,8 @@ def test_a_cpu_runs_measured_step_is_one_at_the_largest_size(tmp_path, caplog):
 
     out = tmp_path / "run"
     assert main([*BASE, "--set", "resolution=64,32", "--steps", "3", "--output-dir", str(out)]) == 0
+    said = [x.split(":")[0] for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert said == ["step 1 (64 px)", "step 2 (32 px)", "step 3 (64 px)"]  # (each step line names its size)
     rows = strict_rows(out)
     assert [(r["width"], r["peak_memory_gb"] is not None) for r in rows] == [(64, False), (32, False), (64, True)]
     report = json.loads((out / "memory_report.json").read_text())

@@ -22,7 +22,7 @@ import torch
 
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, set_flags
-from lowmem_alignprop.settings.image_size import sizes_note, step_pixels, step_size
+from lowmem_alignprop.settings.image_size import resolution_of, sizes_note, step_pixels, step_size
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
@@ -688,7 +688,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                 self.metrics_unwritten(step, e)
             self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
             if cfg.log_every and step % cfg.log_every == 0:
-                self.bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                size = f" ({resolution_of(row['width'], row['height'])} px)" if "width" in row else ""  # (several)
+                self.bar.write(f"step {step}{size}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
                                f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}{left}")
         self.track(row, step)
         if self.zero_grads.step(step, done.update.grad_zero):  # the reward's gradient never reaches the LoRA
