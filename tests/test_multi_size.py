@@ -8,7 +8,10 @@ too); the fixed-seed renders stay at the first size.
   the first size; a resume at step 2 goes on with the cycle, bit-equal to the run never stopped; a resume that
   changes the sizes is told as one that changes the resolution; the records (config.yaml, card, kohya header);
 * SDXL's add_time_ids and a flow model's shift follow each step's size, as the diffusers pipelines at that size;
-* the planner plans the step at the largest size and lowers every size.
+* the planner plans the step at the largest size and lowers every size;
+* what a run of several sizes reports: a CPU measures a step at the largest size, --max-minutes scales a larger
+  next step by its pixels, the summary compares a prompt at the same size, an out-of-memory line and each step line
+  name the step's size; --set's YAML list and a --set the shell cut at a space.
 """
 
 from __future__ import annotations
