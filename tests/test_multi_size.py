@@ -497,3 +497,17 @@ def test_the_summarys_first_and_last_reward_pair_each_prompt_at_the_same_size():
     said = first_last_rewards(history)
     assert (said["reward_first"], said["reward_last"], said["reward_prompts"], said["reward_window"]) == (
         0.5, 0.5, 1, 3)
+
+
+@pytest.mark.parametrize("resolution, said", [
+    ("1024,1216x832", "evaluate at a lower resolution (--set resolution=768,896x576)"),  # every size lowered: a bare N
+    (1024, "evaluate at a lower resolution (--set resolution=768)"),  # would have replaced the list
+    (256, "evaluate at a lower resolution")])  # at the planner's floor: no size to give
+def test_the_evaluations_out_of_memory_advice_at_batch_1_lowers_every_size(resolution, said):
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.training.train_faults import LoopFaults
+
+    stand_in = SimpleNamespace(cfg=Config(batch_size=1, resolution=resolution))
+    assert LoopFaults.eval_fewer_at_a_time(stand_in) == said

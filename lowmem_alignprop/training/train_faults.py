@@ -17,7 +17,8 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import CONFIG_FILE
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line
-from lowmem_alignprop.settings.image_size import describe_sizes, resolution_of, step_size
+from lowmem_alignprop.settings.config import flag_value
+from lowmem_alignprop.settings.image_size import describe_sizes, lower_resolution, resolution_of, step_size
 from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.measure import planner
 
@@ -110,8 +111,10 @@ class LoopFaults:
         """The held-out evaluation renders batch_size images at a time: the fault ladder's smaller micro-batch, which
         keeps the images per step (a bare --set batch_size=N changed training's too)."""
         fit = faults.LADDER["batch"](self.cfg)
-        if fit is None:  # (batch 1, or DeepSpeed's fixed micro-batch)
-            return "evaluate at a lower resolution (--set resolution=N)"
+        if fit is None:  # (batch 1, or DeepSpeed's fixed micro-batch): the planner's lower resolution, every size of a
+            lower = lower_resolution(self.cfg.resolution)  # list lowered (a bare N would replace the list)
+            return f"evaluate at a lower resolution (--set resolution={flag_value(lower)})" if lower is not None else \
+                "evaluate at a lower resolution"
         return f"evaluate on fewer images at a time ({fit.as_flags()}: the same images per step)"
 
     def evaluation_failed(self, step: int, e: BaseException) -> None:
