@@ -42,11 +42,11 @@ NOT_PROMPT_TEXT = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".py": "Pyt
 
 
 def read_prompt_file(path: str | Path, shown: str = "") -> list[str]:
-    """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped. ``shown``: how lines name it
-    (a hub dataset's file: its hf:// address; default the path)."""
+    """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped. ``path``: a regular file (a
+    user's checked by :func:`read_file` first, a built-in set's the package's own). ``shown``: how lines name it (a hub
+    dataset's file: its hf:// address; default the path)."""
     path = Path(path).expanduser()
     shown = shown or str(path)
-    check_prompt_file(path)
     text = prompt_file_text(path)  # UTF-8 (a byte-order mark too), or UTF-16 as PowerShell's > writes it
     # lines as an editor counts them (str.splitlines also ends one at \f, \v, \x1c-\x1e, \x85, U+2028/9); a
     # byte-order mark inside (two files joined: `type a.txt b.txt > all.txt`) is no text: taken out
