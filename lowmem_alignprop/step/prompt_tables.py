@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lowmem_alignprop.run.hub import few
 from lowmem_alignprop.settings.errors import UserError, nearest, quote
 from lowmem_alignprop.settings.paths import LINE_BREAK
 from lowmem_alignprop.step.prompt_files import control_character, prompt_file_text
@@ -124,11 +125,10 @@ def _kept(rows: list[Row], wanted: str, value: str, how: TableRead, shown: str) 
     if kept:
         return kept
     values = list(dict.fromkeys(_as_text(row.get(wanted)) for _, row in rows))
-    shown_values = [v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS - 3] + "..." for v in values[:SHOWN_VALUES]]
-    more = f" and {len(values) - SHOWN_VALUES} more" if len(values) > SHOWN_VALUES else ""
+    listed = few([v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS - 3] + "..." for v in values], SHOWN_VALUES)
     near = nearest(value, values) if values else None
     raise UserError(f"{how.filter_field}={how.where}: no row of prompt file {shown} has {wanted}={value} (its {wanted} "
-                    f"values: {', '.join(shown_values) or 'none'}{more}): give " + (
+                    f"values: {listed or 'none'}): give " + (
                         f"--set {how.filter_field}={wanted}={near}" if near else
                         f"one of them, e.g. --set {how.filter_field}={wanted}={values[0] if values else 'VALUE'}"))
 
