@@ -279,11 +279,7 @@ def pinned_command(line: str, pins: dict[str, str]) -> str:
     to nothing given the commit instead: run again, it loads the commits the run trained on."""
     import shlex
 
-    try:
-        words = shlex.split(line)
-    except ValueError:  # (unbalanced quotes: as recorded)
-        return line
-    if any(w == "--resume" or w.startswith("--resume=") for w in words):
+    if (words := _start_words(line)) is None:
         return line
     given, moved = set(), False
     for i, (before, word) in enumerate(zip(["", *words], words)):
@@ -342,11 +338,7 @@ def _with_values(line: str, option: str, field: str, change) -> str:
     ``--opt=V``; "": none) and of ``--set field=V`` that ``change(V)`` gives another for (None: kept) replaced."""
     import shlex
 
-    try:
-        words = shlex.split(line)
-    except ValueError:  # (unbalanced quotes: as recorded)
-        return line
-    if any(w == "--resume" or w.startswith("--resume=") for w in words):
+    if (words := _start_words(line)) is None:
         return line
     moved = False
     for i, (before, word) in enumerate(zip(["", *words], words)):
@@ -359,6 +351,18 @@ def _with_values(line: str, option: str, field: str, change) -> str:
         if value and (changed := change(value)) is not None:
             words[i], moved = head + changed, True
     return shlex.join(words) if moved else line
+
+
+def _start_words(line: str) -> list[str] | None:
+    """The words of a recorded command line that started a run; None for a --resume's (it takes its run's config) and
+    for one with unbalanced quotes (kept as recorded)."""
+    import shlex
+
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return None
+    return None if any(w == "--resume" or w.startswith("--resume=") for w in words) else words
 
 
 def _names_commit(value: str, commit: str) -> bool:
