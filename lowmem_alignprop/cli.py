@@ -121,8 +121,11 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--reward", help="brightness, colorfulness, jpeg_compressibility, aesthetic, clip, pickscore, "
                                     "hpsv2, toy_clip, toy_count=N; 'a:1,b:0.5' to combine; 'package.module:function' "
                                     "or 'path/to/file.py:function' for your own")
-    p.add_argument("--prompts", help="built-in prompt set (simple_animals, toy-heldout, ...) or a UTF-8 text file, "
-                                     "one per line")
+    from lowmem_alignprop.step.prompt_tables import TABLE_KINDS
+    from lowmem_alignprop.step.prompts import PROMPT_SETS
+    p.add_argument("--prompts", help=f"a built-in prompt set ({', '.join(PROMPT_SETS)}), a UTF-8 text file (one "
+                                     f"prompt per line), a table ({', '.join(TABLE_KINDS)}) or a hub dataset's file "
+                                     "(hf://datasets/OWNER/NAME[@REV][/FILE])")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--output-dir", help="where the LoRA, metrics, samples and reports go")
     p.add_argument("--seed", type=int, help="random seed")

@@ -222,6 +222,22 @@ def test_sample_help_lists_the_fields_that_change_its_images_not_trainings():
     assert "lowmem-alignprop sample --model merged/ --reward aesthetic # a model alone" in words
 
 
+def test_prompts_help_names_every_kind_of_prompt_set_it_reads():
+    """--prompts' help (train, plan, sample) said "built-in prompt set (simple_animals, toy-heldout, ...) or a UTF-8
+    text file" while --prompts reads tables and hub datasets' files too (README, the prompts field's own help): a user
+    reading --help did not learn that `--prompts prompts.csv` or `hf://datasets/...` works. Now it names every
+    built-in set, every table kind and the hub address."""
+    from lowmem_alignprop.cli import plan_parser, sample_parser, train_parser
+    from lowmem_alignprop.step.prompt_tables import TABLE_KINDS
+    from lowmem_alignprop.step.prompts import PROMPT_SETS
+
+    for parser in (train_parser(), plan_parser(), sample_parser()):
+        (action,) = [a for a in parser._actions if "--prompts" in a.option_strings]
+        assert all(name in action.help for name in PROMPT_SETS), (parser.prog, action.help)
+        assert all(kind in action.help for kind in TABLE_KINDS), (parser.prog, action.help)
+        assert "text file" in action.help and "hf://datasets/OWNER/NAME[@REV][/FILE]" in action.help, action.help
+
+
 def test_module_entry_point_and_help(capsys):
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
                        timeout=120)
