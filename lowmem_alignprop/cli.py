@@ -339,8 +339,8 @@ def cmd_profiles(argv: list[str]) -> int:
         _, values = load_profile(name)
         print(row(f"{name:{width}s} {values.get('budget_gb', 0):5.1f} GiB  ", describe(path)))
     print(row(f"{'auto':{width}s} {'card':>5s} -5%  ", "The largest of these that the detected GPU holds (the one made "
-              "for the model on its card, e.g. rtx3060-flux), with the card's memory less 5% as the budget; cpu "
-              "without a GPU."))
+              "for the model on its card, e.g. rtx3060-flux; under 7 GiB rtx3060's settings, not laptop-6gb's), with "
+              "the card's memory less 5% as the budget; cpu without a GPU."))
     print("\n" + textwrap.fill("Use one with --profile NAME, or --profile path/to/your.yaml; override fields with "
                                "--set key=value. `lowmem-alignprop profiles NAME` prints one's fields to copy "
                                "(lowmem-alignprop profiles rtx3060 > mine.yaml).", columns - 1))
