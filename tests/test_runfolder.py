@@ -4,6 +4,7 @@ test_runlock.py run the same paths end to end)."""
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -30,6 +31,36 @@ def test_what_a_folder_holds_is_typed(tmp_path):
     fake_checkpoint(tmp_path, 1)
     mark = ckpt.holds_a_run(tmp_path)
     assert str(mark) == "checkpoints/" and mark.checkpoints and not mark.started_only
+
+
+def test_resume_latest_of_the_default_folder_names_its_later_numbered_runs(tmp_path, caplog):
+    """--resume latest without --output-dir continues outputs/run, though the same command run again went on to
+    outputs/run-2 (or run-3): it says which folders hold later runs and the --output-dir that continues the newest;
+    a folder the user named, a numbered folder without checkpoints, or a named checkpoint are not said."""
+    base = tmp_path / "run"
+    fake_checkpoint(base, 2)
+    fake_checkpoint(tmp_path / "run-3", 1)  # (run-2 deleted: a gap)
+    (tmp_path / "run-4").mkdir()  # a run that stopped before its first checkpoint: nothing to continue
+    (tmp_path / "run-x").mkdir()  # not one of the default folder's numbers
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        point = RunFolder.for_command(base, chosen=False, resume="latest").check()
+        assert point.state["step"] == 2  # the default folder is still what continues
+        assert caplog.messages == [f"--resume latest continues {base}; {tmp_path / 'run-3'} holds a later run of the "
+                                   f"same command without --output-dir (the default folder's next ones): to continue "
+                                   f"it, add --output-dir {tmp_path / 'run-3'}"]
+        caplog.clear()
+        RunFolder.for_command(base, chosen=True, resume="latest").check()
+        RunFolder.for_command(base, chosen=False, resume=str(ckpt.step_dir(ckpt.root_of(base), 2))).check()
+        assert caplog.messages == []
+    fake_checkpoint(tmp_path / "run-10", 1)
+    with pytest.raises(UserError) as e:  # nothing to continue in the default folder: the line says where to look
+        RunFolder.for_command(tmp_path / "other", chosen=False, resume="latest").check()
+    assert str(e.value).endswith("(or check --output-dir)")  # (no other-N: the line as it was)
+    shutil.rmtree(ckpt.root_of(base))
+    with pytest.raises(UserError, match=r"no intact checkpoint .*; .*run-3, .*run-10 hold later runs of the same "
+                                        r"command without --output-dir .*: to continue the newest, add --output-dir "
+                                        r".*run-10$"):
+        RunFolder.for_command(base, chosen=False, resume="latest").check()
 
 
 def test_the_run_folder_of_a_resume_value(tmp_path):

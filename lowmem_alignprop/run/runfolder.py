@@ -32,7 +32,7 @@ from lowmem_alignprop.run.filenames import (BEST_FILE, CONFIG_FILE, GRID_FILE, G
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.paths import absolute_path, read_user_text
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
-                                          world_size)
+                                          numbered_dirs, world_size)
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -65,12 +65,15 @@ class _Captured(logging.Handler):
 class RunFolder:
     """One training run's output folder. ``numbered``: the default folder (not one the user named), which moves on
     to ``<dir>-2``, ``-3``... when it holds an earlier run or another run takes it a moment before this one.
-    ``resume``: the --resume value (``latest`` or a checkpoint / run folder), or None."""
+    ``resume``: the --resume value (``latest`` or a checkpoint / run folder), or None. ``default``: the folder is the
+    default one, not named by the user (numbered or, with --resume, not)."""
 
-    def __init__(self, path: str | os.PathLike, *, numbered: bool = False, resume: str | None = None):
+    def __init__(self, path: str | os.PathLike, *, numbered: bool = False, resume: str | None = None,
+                 default: bool = False):
         self.path = Path(path)
         self.numbered = numbered
         self.resume = resume
+        self.default = default or numbered
         self.moved_past: tuple[Path, str] | None = None  # (the default folder, why it was passed): said at hold()
         self._found: tuple[ResumePoint | None, UserError | None, list[logging.LogRecord]] | None = None
         self._seen: set[str] = set()  # the checkpoints there when it was looked up (--resume latest)
@@ -78,7 +81,7 @@ class RunFolder:
     @classmethod
     def for_command(cls, output_dir: str | os.PathLike, *, chosen: bool, resume: str | None) -> "RunFolder":
         """``chosen``: the user named the folder (--output-dir or --set output_dir)."""
-        return cls(output_dir, numbered=not chosen and not resume, resume=resume)
+        return cls(output_dir, numbered=not chosen and not resume, resume=resume, default=not chosen)
 
     @staticmethod
     def of_checkpoint(resume: str) -> str | None:
@@ -168,6 +171,21 @@ class RunFolder:
             return (None if name is None else str(name)), (values if isinstance(values, dict) else None)
         return None, None
 
+    def later_default_runs(self) -> str | None:
+        """--resume latest without --output-dir continues the default folder, whatever came after it: where runs of
+        the same command went on to ``<dir>-2``, ``-3``... (:meth:`move_past_an_earlier_run`) and hold checkpoints,
+        the words that name them and how to continue the newest; else None."""
+        if self.resume != "latest" or not self.default:
+            return None
+        later = [p for p in numbered_dirs(self.path) if ckpt.list_checkpoints(ckpt.root_of(p))]
+        if not later:
+            return None
+        named = ", ".join(str(p) for p in later[-3:]) + (f" (and {len(later) - 3} more)" if len(later) > 3 else "")
+        one = len(later) == 1
+        return (f"{named} {'holds a later run' if one else 'hold later runs'} of the same command without "
+                f"--output-dir (the default folder's next ones): to continue {'it' if one else 'the newest'}, add "
+                f"--output-dir {later[-1]}")
+
     # ---- choosing the folder ------------------------------------------------------------------------------------
     def move_past_an_earlier_run(self) -> None:
         """Running the same command twice must not fail: the default folder (not one the user named) that holds an
@@ -209,8 +227,11 @@ class RunFolder:
             point, error, records = self._lookup()
             for record in records:  # the broken checkpoints skipped, said once
                 log.handle(record)
+            later = self.later_default_runs()
             if error is not None:
-                raise error
+                raise UserError(f"{error}; {later}") if later else error
+            if later and global_rank() == 0:
+                log.warning("--resume latest continues %s; %s", out, later)
         if mark and point is None:
             cont = ("continue it with --resume latest, or" if mark.checkpoints else
                     "it stopped before its first checkpoint, so nothing there can be continued: delete the folder "

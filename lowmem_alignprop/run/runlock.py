@@ -239,6 +239,13 @@ def next_free_dir(base: Path, taken) -> Path:
     return out
 
 
+def numbered_dirs(base: Path) -> list[Path]:
+    """The ``base-2``, ``base-3``... folders that exist (:func:`next_free_dir`'s), in their numbers' order."""
+    found = {int(n): p for p in (base.parent.glob(f"{base.name}-*") if base.parent.is_dir() else ())
+             if (n := p.name[len(base.name) + 1:]).isdigit() and int(n) >= 2 and p.is_dir()}
+    return [found[n] for n in sorted(found)]
+
+
 def launch_id() -> str | None:
     """What the processes of one ``accelerate launch``/torchrun share (None for a single process)."""
     if world_size() <= 1:
