@@ -1696,6 +1696,25 @@ def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed
     assert sum(r["lora"][0] for r in rows) / 3 == pytest.approx(evaluated["eval_reward"], rel=1e-5)
 
 
+def test_the_end_box_names_every_file_and_folder_the_run_wrote(full_run, capsys):
+    """The box's 'wrote:' lines name each entry of the run folder (command.txt and prompts.json were left out);
+    memory_report.{json,md,png} names the three."""
+    import re
+
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.lora.lora_export import Exported
+    from lowmem_alignprop.training.run_summary import print_summary
+
+    summary = json.loads((full_run / "summary.json").read_text())
+    folders = {fmt: full_run / "export" / fmt for fmt in ("kohya", "peft")}
+    print_summary(summary, Config(report_to="tensorboard"), "cpu", Exported(folders=folders))
+    box = capsys.readouterr().out.split(" wrote: ", 1)[1].replace("memory_report.{json,md,png}", "memory_report")
+    said = {name.strip().rstrip("/") for name in re.split(r"[,\n]| \(", box)}
+    for entry in (e for e in full_run.iterdir() if not e.name.startswith(".")):
+        name = "memory_report" if entry.name.startswith("memory_report.") else entry.name
+        assert name in said or f"{full_run}/{name}" in said or f"{name}/kohya" in said, (entry.name, box)
+
+
 def test_the_run_writes_only_keys_docs_outputs_md_names(full_run):
     """A key added to summary.json, a metrics.jsonl line, memory_report.json, prompts.json, before_after.json or a
     base_model.json without its row in docs/outputs.md fails here (scripts read these files as a contract)."""

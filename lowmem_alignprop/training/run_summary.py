@@ -13,6 +13,7 @@ from lowmem_alignprop.training.evaluation import BEST_DIR, improvement_measure, 
 from lowmem_alignprop.lora.model_card import images_per_step, trained_counts
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.run import schedule
+from lowmem_alignprop.run.filenames import INIT_LORA_DIR
 from lowmem_alignprop.settings.config import Config
 
 
@@ -231,7 +232,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
         + ("best/, " if s.get("best_step") is not None and s.get("best_kept", True) else "")
         + "metrics.jsonl, summary.json,",
-        "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
+        "        memory_report.{json,md,png}, config.yaml, command.txt, prompts.json, "
+        + (f"{INIT_LORA_DIR}/, " if (Path(s["output_dir"]) / INIT_LORA_DIR).is_dir() else "")
+        + "checkpoints/ (--resume latest)",
     ]
     if exported is not None and exported.folders:  # export_format's folders, each loadable where its README.md says
         lines.append("        " + ", ".join(
