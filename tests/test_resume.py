@@ -1157,6 +1157,39 @@ def test_pruning_keeps_the_newest_intact_checkpoints_a_damaged_one_does_not_coun
     assert len(ckpt.list_checkpoints(root)) == 2
 
 
+def test_a_kill_while_rotation_deletes_a_checkpoint_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """keep_checkpoints' rotation deleted an old checkpoint in place: a kill midway (seen in a kill -9 walk, on a slow
+    disk) left step-1 with two of its files, which --resume, export and rotation took for a damaged checkpoint and
+    kept for good. It is renamed first: a kill leaves a .partial-* folder, which the run's next start removes."""
+    from pathlib import Path
+
+    from lowmem_alignprop.run import atomic
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    class Killed(BaseException):
+        pass
+
+    def killed_midway(path, *args, **kwargs):  # the first file goes, then the process dies
+        if not Path(path).exists():
+            return
+        next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
+        raise Killed
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _checkpoint(root, step, payload=f"weights {step}".encode())
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        ckpt.prune(root, 2, protect=ckpt.step_dir(root, 3))
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000002"]
+    assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(root))
+    assert [p.parent for p in atomic.leftovers(tmp_path)] == [root]  # the renamed rest, 1 file short
+    RunFolder(tmp_path).remove_leftovers()  # (what the next start does, under the run's lock)
+    assert atomic.leftovers(tmp_path) == [] and sorted(p.name for p in root.iterdir()) == ["step-00000002",
+                                                                                          "step-00000003"]
+
+
 def test_a_checkpoint_that_lacks_some_of_the_models_trained_weights_is_refused(tmp_path):
     """A checkpoint missing weights the model trains would leave those at their fresh values and train on as if
     resumed: refused in one line, as one with weights the model lacks is."""

@@ -209,9 +209,7 @@ def swap_in(tmp: Path, path: Path) -> None:
     old = None
     try:
         if path.exists() or path.is_symlink():
-            old = path.with_name(f"{PARTIAL}old-{os.getpid()}-{path.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            old = _set_aside(path)
         os.replace(tmp, path)
     except BaseException:
         if old is not None and not path.exists():
@@ -221,6 +219,27 @@ def swap_in(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
     if old is not None:
         _remove(old)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to a temporary name beside it (``.partial-old-PID-NAME``, which a later start removes as a
+    leftover of a kill) and return that name."""
+    old = path.with_name(f"{PARTIAL}old-{os.getpid()}-{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    return old
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a folder so that a kill midway leaves no half of it under its name (a checkpoint missing its weights,
+    which --resume, export and rotation then took for a damaged one and kept for good): renamed first, then
+    removed; a kill leaves the renamed rest, which the run's next start removes (``RunFolder.remove_leftovers``).
+    Where it cannot be renamed it is removed in place."""
+    try:
+        path = _set_aside(path)
+    except OSError:
+        pass
+    _remove(path)
 
 
 def _remove(p: Path) -> None:

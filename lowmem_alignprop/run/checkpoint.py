@@ -420,7 +420,7 @@ def prune(root: Path, keep: int, protect: Path) -> None:
     good = [p for p in list_checkpoints(root) if p == protect or verify(p) is None]
     for p in good[keep:]:
         if p != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            atomic.remove_dir(p)  # (renamed first: a kill midway left half a checkpoint, kept for good as damaged)
 
 
 def _torch_save(obj, path: Path) -> None:

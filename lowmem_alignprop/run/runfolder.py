@@ -272,7 +272,7 @@ class RunFolder:
         """Remove the temporary files and folders of writes a kill cut short (``.partial-*``: never a finished
         file); call with the lock held."""
         for path in atomic.leftovers(self.path):
-            log.warning("removing %s, a write that did not finish (the run was killed while writing it)", path)
+            log.warning("removing %s, a write or removal that did not finish (the run was killed meanwhile)", path)
             _remove(path)
 
     def start_metrics(self, point: ResumePoint | None, history: list[dict]) -> None:
