@@ -587,8 +587,9 @@ MEMORY_FIXES = {"train": "lower resolution or batch_size (--set), or add --auto-
 
 def _out_of_space_or_memory(e: Exception, command: str = "train") -> UserError | None:
     """A write that failed for space (a full disk, a quota, a file-size limit: an OSError, or torch's or safetensors'
-    words for one) or memory that ran out (the GPU's: torch.OutOfMemoryError; else the host's), as one line naming
-    what lowers ``command``'s; else None (a defect: its traceback)."""
+    words for one) or for permission (a folder or disk turned read-only: ``atomic.unwritable``), or memory that ran
+    out (the GPU's: torch.OutOfMemoryError; else the host's), as one line naming what lowers ``command``'s; else None
+    (a defect: its traceback)."""
     import errno
 
     from lowmem_alignprop.run import atomic
@@ -596,14 +597,18 @@ def _out_of_space_or_memory(e: Exception, command: str = "train") -> UserError |
 
     tagged = getattr(e, "lowmem_file", None)  # the file an atomic write was making: where to look for free space
     failed = atomic.write_failure(e, Path(tagged).parent if tagged is not None else Path.cwd())
-    if failed is not None and (atomic.is_disk_full(failed) or failed.errno == errno.EFBIG):
+    unwritable = failed is not None and atomic.unwritable(failed)  # (a folder or disk turned read-only mid-run)
+    if failed is not None and (atomic.is_disk_full(failed) or failed.errno == errno.EFBIG or unwritable):
         from lowmem_alignprop.models.tiny import cache_root
 
         try:
             in_cache = Path(atomic.file_of(failed)).absolute().is_relative_to(cache_root().absolute())
         except OSError:  # (no working directory left to read a relative name from)
             in_cache = False
+        elsewhere = ("set LOWMEM_ALIGNPROP_CACHE to another folder" if in_cache else
+                     "choose another --output-dir or --out")
         fix = ("raise the file-size limit (ulimit -f) or write elsewhere" if failed.errno == errno.EFBIG else
+               f"make {Path(atomic.file_of(failed)).parent} writable (or {elsewhere})" if unwritable else
                f"free space in {cache_root()} (or set LOWMEM_ALIGNPROP_CACHE to a folder on a disk with room: the "
                "built-in models and plan estimates are kept there)" if in_cache else
                "free space (or choose another --output-dir or --out)")

@@ -318,6 +318,51 @@ def test_disk_full_at_the_summary_names_the_file_and_what_is_safe(tmp_path, caps
     assert final_lora.outputs_problem(out) == f"{out / 'summary.json'} is missing or damaged"
 
 
+def test_a_folder_turned_read_only_mid_run_is_one_line_and_resume_goes_on(tmp_path, capsys, monkeypatch, tiny_dir):
+    """The run folder's disk turned read-only (an ext4 remount after an I/O error) while a --sample-every grid was
+    written (a kill -9 walk met it; so did the start's metrics.jsonl): a traceback and exit 1, where a full disk is one
+    line. Now one line naming the file and the fix; the steps saved before it resume."""
+    monkeypatch.setenv(atomic.INJECT_ENV, "step-000002.png:erofs")
+    out = tmp_path / "run"
+    args = [*FAST, "--set", "sample_prompts=1", "--sample-every", "1", "--output-dir", str(out), "--steps", "2",
+            "--checkpoint-every", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    grid = out / "samples" / "step-000002.png"
+    assert "Traceback" not in err and [x for x in err.splitlines() if x.startswith("error: ")] == [
+        f"error: Read-only file system (test hook {atomic.INJECT_ENV}) (writing {grid}): no file was half-written; "
+        f"make {grid.parent} writable (or choose another --output-dir or --out) and run the command again (a "
+        "training run: --resume latest continues from its last checkpoint)"]
+    assert not grid.exists() and atomic.leftovers(out) == []
+    monkeypatch.delenv(atomic.INJECT_ENV)
+    assert main([*args, "--resume", "latest"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert grid.is_file()
+
+
+def test_a_refused_write_is_told_from_a_refused_read(tmp_path):
+    """What atomic.unwritable calls a write refused for permission: an error of a write in the folder the write was
+    making its file in (or of that folder's making), tagged by the atomic write; a copy's source refused elsewhere,
+    or an untagged error, is no such write (its traceback says what it is)."""
+    final = tmp_path / "run" / "samples" / "grid.png"
+
+    def refused(code, name, tag=True):
+        error = OSError(code, os.strerror(code), str(name))
+        if tag:
+            error.lowmem_file = final
+        return error
+
+    assert atomic.unwritable(refused(errno.EROFS, final.with_name(".partial-1-grid.png")))
+    assert atomic.unwritable(refused(errno.EACCES, tmp_path / "run"))  # (its folder made on the way)
+    assert not atomic.unwritable(refused(errno.EACCES, tmp_path / "elsewhere" / "source.png"))
+    assert not atomic.unwritable(refused(errno.EACCES, final, tag=False))
+    assert not atomic.unwritable(refused(errno.ENOSPC, final))  # (a full disk: is_disk_full's)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as made:  # a folder that cannot be made carries the file it was for
+        atomic.write_text(tmp_path / "file" / "sub" / "x.json", "{}")
+    assert made.value.lowmem_file == tmp_path / "file" / "sub" / "x.json"
+
+
 def killed_run(args: list[str], inject: str) -> int:
     """The CLI with the write hook ``inject`` in a child process, as -signal or exit status. On Linux a fork of this
     process (the libraries already imported: a fresh interpreter pays ~10 s of imports before its first line);

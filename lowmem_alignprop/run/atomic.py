@@ -12,9 +12,10 @@ An error while writing carries the final path as ``error.lowmem_file``, so a one
 What is renamed into place is as readable as the process's umask allows, whatever wrote it (safetensors writes its
 files 0600; a temporary folder is made 0700): a ComfyUI server of another user reads the LoRA.
 
-Test hook: ``LOWMEM_ALIGNPROP_INJECT_WRITE="NAME[:enospc|kill]"`` (comma-separated) fails the write of the file or
-folder called NAME just before it is renamed into place: ``enospc`` (the default) raises a disk-full OSError, ``kill``
-kills the process with SIGKILL, as a crash would, leaving the temporary file behind.
+Test hook: ``LOWMEM_ALIGNPROP_INJECT_WRITE="NAME[:enospc|erofs|kill]"`` (comma-separated) fails the write of the file
+or folder called NAME just before it is renamed into place: ``enospc`` (the default) raises a disk-full OSError,
+``erofs`` a read-only file system's, ``kill`` kills the process with SIGKILL, as a crash would, leaving the temporary
+file behind.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lowmem_alignprop.settings.errors import first_line
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
 PARTIAL = ".partial-"  # temporary names start with it; a reader never takes them for a finished file
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a folder or a disk that takes no writes (now)
 WINDOWS = os.name == "nt"
 _UMASK = os.umask(0o022)  # the process's umask: os.umask reads it only by setting it, so it is set back at once
 os.umask(_UMASK)
@@ -55,7 +57,8 @@ def inject(path: Path) -> None:
         if name and name == path.name:
             if action == "kill":
                 os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # (Windows has no SIGKILL)
-            raise OSError(errno.ENOSPC, f"No space left on device (test hook {INJECT_ENV})", str(path))
+            code = errno.EROFS if action == "erofs" else errno.ENOSPC
+            raise OSError(code, f"{os.strerror(code)} (test hook {INJECT_ENV})", str(path))
 
 
 def fsync_dir(path: Path) -> None:
@@ -141,12 +144,21 @@ def _tag(error: BaseException, path: Path) -> None:
             pass
 
 
+def make_parent(path: Path) -> None:
+    """The folder ``path`` is written into, made where missing; a failure carries ``path`` as a failed write does."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _tag(e, path)
+        raise
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write it completely, and on leaving it is synced and renamed to
     ``path`` (replacing an older file). On any error it is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     remove_dead_partials(path)  # a killed write of this file left its temporary file beside it
     tmp = partial_name(path)
     try:
@@ -185,7 +197,7 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     ``path``. An older ``path`` is moved aside first and removed after (a crash in between leaves it beside, whole).
     On any error the temporary folder is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     remove_dead_partials(path)  # a killed write of this folder (an export's merged model: gigabytes) is never finished
     tmp = partial_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -270,6 +282,19 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL
 
 
+def unwritable(error: OSError) -> bool:
+    """``error`` refused a write of this module's (an atomic write's, metrics.jsonl's append: tagged with the file):
+    a permission or read-only error on a path in the folder it was writing into (a folder or a disk that turned
+    read-only mid-run). Not a file read elsewhere (a copy's source), which the same errno refuses too."""
+    final = getattr(error, "lowmem_file", None)
+    if final is None or error.errno not in UNWRITABLE:
+        return False
+    if getattr(error, "filename", None) is None:
+        return True
+    name, folder = Path(error.filename).absolute(), Path(final).absolute().parent
+    return name.is_relative_to(folder) or folder.is_relative_to(name)  # (the folder, or one made on the way to it)
+
+
 def describe(error: OSError) -> str:
     """What went wrong, in words: 'the disk is full', 'Permission denied'..."""
     return "the disk is full" if is_disk_full(error) else (error.strerror or type(error).__name__)
@@ -281,7 +306,7 @@ def write_fix(error: OSError, where: str = "--output-dir") -> str:
         return f"free space in {where}"
     if error.errno == errno.EFBIG:
         return f"raise the file-size limit (ulimit -f) or free space in {where}"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno in UNWRITABLE:
         return f"make {where} writable"
     return f"fix that in {where}"
 
