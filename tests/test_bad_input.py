@@ -223,6 +223,18 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--eval-every", "1", "--set", "best_by=fidelity"], "best_by=fidelity scores the held-out images with the toy "
                                                           "world's exact evaluators, and 4 of the 4 held-out prompts"),
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),
+    # eval_prompts' reading (its table's column, its rows) without eval_prompts: the held-out prompts came from the
+    # training set, the column or filter unread and unsaid
+    (["--eval-every", "1", "--set", "eval_prompt_filter=Category=Animals"],
+     "eval_prompt_filter=Category=Animals reads the table eval_prompts names, and eval_prompts is empty (the held-out "
+     "prompts are then eval_holdout of the training prompts): give the table with --set eval_prompts=FILE, or drop "
+     "--set eval_prompt_filter"),
+    (["--set", "eval_prompt_column=Prompt"], "eval_prompt_column=Prompt reads the table eval_prompts names, and "
+                                             "eval_prompts is empty"),
+    # eval_holdout beside the eval_prompts that replace it (3 training prompts held out, asked; none was)
+    (["--eval-every", "1", "--set", "eval_prompts=toy-heldout", "--set", "eval_holdout=3"],
+     "eval_holdout=3 holds out training prompts where eval_prompts is empty, and eval_prompts=toy-heldout gives the "
+     "held-out prompts: drop --set eval_holdout, or --set eval_prompts= to hold out training prompts instead"),
     (["--eval-every", "1", "--set", "eval_prompts=", "--set", "eval_holdout=99"], "leaves none to train on"),
     (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],
      "eval_prompts=toy-pairs: every one of its 4 prompts is also a training prompt, so none is held out"),

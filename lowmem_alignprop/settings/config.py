@@ -427,6 +427,11 @@ class Config:
             if getattr(self, name) and not (eq and column.strip()):
                 raise UserError(f"{name}={quote(getattr(self, name))} is not COLUMN=VALUE: give the column and the "
                                 f"value of the rows to keep, e.g. --set {name}=Category=Animals")
+        for name in ("eval_prompt_column", "eval_prompt_filter"):  # (they read eval_prompts' table: none, unread)
+            if getattr(self, name) and not self.eval_prompts:
+                raise UserError(f"{name}={getattr(self, name)} reads the table eval_prompts names, and eval_prompts is "
+                                "empty (the held-out prompts are then eval_holdout of the training prompts): give the "
+                                f"table with --set eval_prompts=FILE, or drop --set {name}")
 
     def _validate_decode(self) -> None:
         """The VAE decode's piece-by-piece settings."""
@@ -1231,14 +1236,20 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
 
 def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
     """Settings the user gave that this run would not read, so would not get what they asked for: a K the profile's
-    truncation does not read (k under uniform/per_step, k_min/k_max under fixed), and SD3/FLUX's text-encoding
-    settings for an SD UNet model (the text encoder kept off the card, promised). A profile's are left alone: a
-    profile made for FLUX is said as such where it matters (settings/profiles.under_profile)."""
+    truncation does not read (k under uniform/per_step, k_min/k_max under fixed), an eval_holdout beside the
+    eval_prompts that replace it, and SD3/FLUX's text-encoding settings for an SD UNet model (the text encoder kept off
+    the card, promised). A profile's are left alone: a profile made for FLUX is said as such where it matters
+    (settings/profiles.under_profile)."""
     if training and "k" in user and cfg.truncation != "fixed":
         raise UserError(f"k={cfg.k} is the K of truncation=fixed, and truncation={cfg.truncation} draws K from k_min="
                         f"{cfg.k_min} to k_max={cfg.k_max}: add --set truncation=fixed for K={cfg.k}, or set k_min "
                         "and k_max instead")
-    held = [name for name in ("eval_prompts", "eval_holdout") if name in user]
+    if training and "eval_holdout" in user and cfg.eval_prompts and cfg.eval_holdout:  # (0 says "none", as it is)
+        raise UserError(f"eval_holdout={cfg.eval_holdout} holds out training prompts where eval_prompts is empty, and "
+                        f"eval_prompts={cfg.eval_prompts} gives the held-out prompts: drop --set eval_holdout, or "
+                        "--set eval_prompts= to hold out training prompts instead")
+    held = [name for name in ("eval_prompts", "eval_prompt_column", "eval_prompt_filter", "eval_holdout")
+            if name in user]
     if training and held and not cfg.eval_every:  # (said, not refused: a script may keep them for its eval runs)
         logging.getLogger("lowmem_alignprop").warning(
             "%s choose%s the held-out evaluation's prompts, and it is off (eval_every=0): nothing is held out or "
