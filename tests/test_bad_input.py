@@ -235,6 +235,15 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--eval-every", "1", "--set", "eval_prompts=toy-heldout", "--set", "eval_holdout=3"],
      "eval_holdout=3 holds out training prompts where eval_prompts is empty, and eval_prompts=toy-heldout gives the "
      "held-out prompts: drop --set eval_holdout, or --set eval_prompts= to hold out training prompts instead"),
+    # ZeRO-3 partitions the frozen fp8 weights too: the first step stopped in backward with torch's checkpoint error
+    (["--set", "deepspeed_zero=3", "--set", "base_quant=fp8", "--set", "unet_checkpointing=blocks"],
+     "base_quant=fp8 with deepspeed_zero=3: ZeRO-3 partitions the frozen fp8 weights too, and what it gathers for a "
+     "checkpoint's recompute differs from the forward's (the step stopped in backward): use --set deepspeed_zero=2, "
+     "or --set base_quant=none"),
+    # DeepSpeed's CPU Adam steps an offloaded state: torch's fused AdamW, asked, never ran
+    (["--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--set", "fused_adamw=true"],
+     "fused_adamw fuses torch's AdamW, and offload=optimizer steps with DeepSpeed's CPU Adam instead: use --set "
+     "fused_adamw=false"),
     (["--eval-every", "1", "--set", "eval_prompts=", "--set", "eval_holdout=99"], "leaves none to train on"),
     (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],
      "eval_prompts=toy-pairs: every one of its 4 prompts is also a training prompt, so none is held out"),

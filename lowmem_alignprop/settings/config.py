@@ -551,6 +551,9 @@ class Config:
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
                             "--set fused_adamw=false")
+        if self.fused_adamw and self.offload != "none":  # (memory/optim.uses_cpu_adam: DeepSpeed's own steps then)
+            raise UserError(f"fused_adamw fuses torch's AdamW, and offload={self.offload} steps with DeepSpeed's CPU "
+                            "Adam instead: use --set fused_adamw=false")
         if self.merge_lora_nograd and (clashes := self.merge_lora_clashes()):
             raise UserError(f"merge_lora_nograd runs the no-grad calls eagerly on merged copies of the LoRA's "
                             f"plain base weights: not with {' and '.join(clashes)}: use --set merge_lora_nograd=false")
@@ -663,6 +666,10 @@ class Config:
         """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
         if self.base_quant != "none" and not self.can_quantize_base():
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
+        if self.base_quant == "fp8" and self.deepspeed_zero == 3:  # (ZeRO-2 leaves the frozen weights whole: trains)
+            raise UserError("base_quant=fp8 with deepspeed_zero=3: ZeRO-3 partitions the frozen fp8 weights too, and "
+                            "what it gathers for a checkpoint's recompute differs from the forward's (the step stopped "
+                            "in backward): use --set deepspeed_zero=2, or --set base_quant=none")
         # (before what block swap needs of the checkpointing: a fix of that first would be wasted)
         if self.block_swap and not self.can_swap_blocks():
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
