@@ -333,6 +333,20 @@ def test_plan_refuses_what_training_refuses_before_loading(tmp_path, tiny_dir, c
         assert lines[0] == lines[1] and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--eval-every", "1", "--set", "best_by=fidelity"], "best_by=fidelity scores the held-out images with the toy "
+                                                          "world's exact evaluators, and 4 of the 4 held-out prompts"),
+    (["--eval-every", "1", "--set", "eval_holdout=99"], "eval_every holds out eval_holdout=99 of the 45 distinct "
+                                                        "training prompts, which leaves none to train on"),
+], ids=["best_by_fidelity_off_grammar", "holdout_takes_every_prompt"])
+def test_plan_refuses_the_held_out_prompts_training_refuses(args, needle, tmp_path, capsys):
+    """The held-out prompts training refuses before loading (best_by=fidelity's outside the toy grammar, none left to
+    train on): plan said FITS for them. Both refuse with the same line."""
+    lines = [fails(capsys, [*command, *FAST, *args], needle)
+             for command in (["plan"], ["--steps", "1", "--output-dir", str(tmp_path / "run")])]
+    assert lines[0] == lines[1] and not (tmp_path / "run").exists()
+
+
 def test_read_only_output_dir(tmp_path, capsys):
     # root may write anywhere with chmod 000; a read-only file system stops everyone
     target = Path("/proc/lowmem_alignprop_test_run")

@@ -13,7 +13,7 @@ from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
 from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.measure.reports import format_fastest, format_plan
 from lowmem_alignprop.rewards import check_reward_spec
-from lowmem_alignprop.step.inputs import check_tracker
+from lowmem_alignprop.step.inputs import check_judged, check_tracker, split_eval_prompts
 from lowmem_alignprop.step.prompts import configured_prompts
 
 logger = logging.getLogger("lowmem_alignprop")
@@ -27,8 +27,12 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
+    prompts = configured_prompts(cfg)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
-    check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=configured_prompts(cfg))
+    check_reward_spec(cfg.reward, resolution=cfg.shapes, prompts=prompts)
+    held = split_eval_prompts(cfg, prompts)[1]  # the held-out prompts train refuses (none left to train on, ...)
+    if cfg.best_by == "fidelity":
+        check_judged(held)  # (train's check: plan said FITS for a run train refuses)
     if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
         from lowmem_alignprop.lora.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
                                                          other_sampler)

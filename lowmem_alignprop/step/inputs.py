@@ -214,3 +214,14 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
                         f"longer in {cfg.prompts}, and the others have trained: put them back, or give held-out "
                         "prompts with --set eval_prompts=FILE")
     return train, held
+
+
+def check_judged(eval_prompts: list[str]) -> None:
+    """best_by=fidelity: every held-out prompt is in the toy world's grammar, or its images have no exact score."""
+    from lowmem_alignprop.toy.fidelity import parses
+
+    if stray := [p for p in eval_prompts if not parses(p)]:
+        raise UserError(f"best_by=fidelity scores the held-out images with the toy world's exact evaluators, and "
+                        f"{len(stray)} of the {len(eval_prompts)} held-out prompts are not in its grammar (e.g. "
+                        f"{stray[0]!r}): hold out toy-world prompts (--set eval_prompts=toy-heldout), or use "
+                        "--set best_by=reward")

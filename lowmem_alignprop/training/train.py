@@ -39,8 +39,8 @@ from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
 from lowmem_alignprop.run.trackers import log_images, tracker_figures
 from lowmem_alignprop.models.sampling import draw_window
 from lowmem_alignprop.toy.fidelity import judged_prompts
-from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
-                                          split_settings)
+from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, check_judged, prepare_inputs, set_aside,
+                                          split_eval_prompts, split_settings)
 from lowmem_alignprop.step.micro import Rollout, micro_step
 from lowmem_alignprop.step.hub_prompts import pinned_reads, read_sources, resumed_pins
 from lowmem_alignprop.step.prompts import draw_prompts
@@ -120,17 +120,6 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
                        lock=lock, command=command, eval_prompts=eval_prompts, aside=aside, searched=searched,
                        began=began, sources=sources).run()
-
-
-def check_judged(eval_prompts: list[str]) -> None:
-    """best_by=fidelity: every held-out prompt is in the toy world's grammar, or its images have no exact score."""
-    from lowmem_alignprop.toy.fidelity import parses
-
-    if stray := [p for p in eval_prompts if not parses(p)]:
-        raise UserError(f"best_by=fidelity scores the held-out images with the toy world's exact evaluators, and "
-                        f"{len(stray)} of the {len(eval_prompts)} held-out prompts are not in its grammar (e.g. "
-                        f"{stray[0]!r}): hold out toy-world prompts (--set eval_prompts=toy-heldout), or use "
-                        "--set best_by=reward")
 
 
 def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, dict]:
