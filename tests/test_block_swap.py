@@ -382,6 +382,27 @@ def test_too_many_blocks_is_refused():
     assert isinstance(install(pipe.transformer, 1, "cpu"), BlockSwap)
 
 
+def test_more_blocks_than_a_unet_has_are_refused_before_it_loads(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A UNet's swap units, counted on its meta model: the count the loaded UNet's install takes, refused before any
+    weight is read (it was said once the model had loaded: minutes for SDXL), nothing written."""
+    from diffusers import UNet2DConditionModel
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.training import train_setup
+
+    units = len(swappable_blocks(UNet2DConditionModel.from_pretrained(tiny_dir / "unet")))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded before the refusal")
+    monkeypatch.setattr(train_setup, "load_components", loaded)
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", "tiny", "--steps", "1", "--output-dir", str(out), "--set",
+                 f"block_swap={units + 1}", "--set", "unet_checkpointing=blocks"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert errors == [f"error: block_swap={units + 1} but the model has {units} blocks: use --set "
+                      f"block_swap={units} or fewer"] and not out.exists()
+
+
 def test_trainer_with_block_swap_trains_the_same(tmp_path):
     """A step of the trainer on the tiny FLUX model, with and without block_swap: the same reward, loss and
     trained LoRA (the blocks' copies are exact)."""

@@ -130,3 +130,18 @@ def swappable_count(cfg: Config) -> int:
         return len(swappable_blocks(meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
     except (UserError, TypeError):
         return 0
+
+
+def check_swap_count(cfg: Config) -> None:
+    """block_swap within the blocks the denoiser has, counted on its meta model before any weight loads: a UNet's
+    (and a transformer file's), which settings.model_kind.check_block_swap cannot tell from config files; block
+    swap's install said it only once the model had loaded (minutes for SDXL). A model whose meta copy cannot be built
+    (a hub id without its configs here) is left to the install's check."""
+    from lowmem_alignprop.settings.model_kind import too_many_blocks
+
+    try:
+        total = swappable_count(cfg) if cfg.block_swap else 0
+    except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
+        return
+    if 0 < total < cfg.block_swap:
+        raise UserError(too_many_blocks(cfg.block_swap, total))

@@ -86,6 +86,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                             f"write them back to {cfg.prompts} to resume on them)") from None
         from lowmem_alignprop.measure.weight_bytes import check_host_memory
         check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
+        from lowmem_alignprop.measure.fit_changes import check_swap_count
+        check_swap_count(cfg)  # more blocks to swap than the model has: now, not once it has loaded
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
