@@ -48,7 +48,8 @@ examples:
 
 
 SAMPLE_EPILOG = """config fields that change the images or their scores (with --set key=value; the LoRA's run's own
-are taken where it recorded them; training's fields, the K range, optimiser and checkpoints, change nothing here):
+are taken where it recorded them; training's fields, the K range, optimiser, checkpoints and its steps' speed
+settings, change nothing here):
 {fields}
 
 examples:
@@ -433,8 +434,9 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt of your own, repeatable: these prompts instead of a prompt set's first N")
     p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
-    from lowmem_alignprop.settings.config import TRAINING_ONLY, field_help
-    p.epilog = SAMPLE_EPILOG.format(fields=field_help(TRAINING_ONLY))  # (what only training reads changes nothing)
+    from lowmem_alignprop.settings.config import SPEED_IN_TRAINING_ONLY, TRAINING_ONLY, field_help
+    # (what only training reads changes nothing)
+    p.epilog = SAMPLE_EPILOG.format(fields=field_help(TRAINING_ONLY | SPEED_IN_TRAINING_ONLY))
     return p
 
 

@@ -1351,6 +1351,31 @@ def test_sample_takes_training_only_settings_with_a_line_and_set_output_dir_as_i
     assert "--set optimizer, report_to: training settings; sample trains nothing" in caplog.text
 
 
+def test_sample_says_what_it_does_not_read_and_refuses_nothing_for_it(tmp_path, tiny_dir, caplog):
+    """sample renders through diffusers' pipeline: training's speed settings (compile, merge_lora_nograd...) were taken
+    in silence, and an SD UNet's block swap and fp8 storage too (flow_sample's alone); each is said, and the images
+    are those without them. A training setting said to change nothing refused nothing either: activation_offload
+    without VAE checkpointing, merge_lora_nograd beside base_quant=fp8 stopped the command."""
+    def scores(*sets) -> list[float]:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        assert main(["sample", *COMMON, "--model", str(tiny_dir), "--prompt", "dog", "--images-per-prompt", "2",
+                     "--output-dir", str(out), *sets]) == 0
+        return json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]["base"]
+
+    plain = scores()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        said = scores("--set", "activation_offload=true", "--set", "compile=regional", "--set",
+                      "merge_lora_nograd=true", "--set", "base_quant=fp8", "--set", "block_swap=1")
+    assert said == plain  # (the same pipeline, seeds and weights: the same numbers)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "--set activation_offload: training settings; sample trains nothing, so they change nothing here" in lines
+    assert ("--set compile, merge_lora_nograd: speed settings of training's steps; sample renders through diffusers' "
+            "pipeline without them, so they change nothing here") in lines
+    assert ("block_swap=1 and base_quant=fp8: sample streams and stores only an SD3/FLUX transformer so; it holds an SD "
+            "UNet model's UNet whole and unquantized (nothing saved here, its images of the full-precision base); "
+            "turn them off: --set block_swap=0 --set base_quant=none") in lines
+
+
 def test_a_reward_that_scores_images_nan_is_one_line_naming_what_to_check():
     """sample's scores hold a NaN (JSON has none): one line, nothing written; it names the LoRA with one, the model
     alone without (sample --model M: no LoRA to blame)."""

@@ -17,6 +17,7 @@ too); the fixed-seed renders stay at the first size.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -264,10 +265,11 @@ def test_a_resume_that_adds_a_size_reads_the_before_images_back(runs, tmp_path, 
     assert shapes == [(32, 32), SHAPES[0]]  # (step 4, then the after images; no before images rendered again)
 
 
-def test_the_records_of_a_run_of_several_sizes(runs, tmp_path):
+def test_the_records_of_a_run_of_several_sizes(runs, tmp_path, caplog):
     """The kohya header as sd-scripts writes a bucketed run's (ss_resolution and modelspec.resolution the first size,
     ss_enable_bucket, ss_bucket_info's images per size as the metrics rows count them); the card lists the sizes;
-    `sample` of the LoRA renders at the first size; TensorBoard's width and height are the first size's numbers."""
+    `sample` of the LoRA renders at the first size, and says so (it did in silence); TensorBoard's width and height
+    are the first size's numbers."""
     from safetensors import safe_open
 
     from lowmem_alignprop.run.trackers import hparam_columns
@@ -290,8 +292,11 @@ def test_the_records_of_a_run_of_several_sizes(runs, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (
             shapes.append((base[0].shape, lora[0].shape)), save(path, labels, base, lora, **kw))[-1])
-        assert main(["sample", str(full / "lora"), "--num-prompts", "1", "--output-dir", str(tmp_path / "s")]) == 0
+        with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+            assert main(["sample", str(full / "lora"), "--num-prompts", "1", "--output-dir", str(tmp_path / "s")]) == 0
     assert shapes == [((1, 3, 64, 64), (1, 3, 64, 64))]
+    assert "resolution=64,64x32,32x64 gives 3 sizes: sample renders at the first, 64 px, as a run's sample grids do " \
+           "(--set resolution=64x32 renders at another)" in caplog.text
     assert json.loads((tmp_path / "s" / "sample_results.json").read_text())["sampler"]["resolution"] == 64
 
 

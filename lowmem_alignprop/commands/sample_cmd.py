@@ -19,8 +19,8 @@ from lowmem_alignprop.lora.lora_merge import held_in, merged_into, refuse_held_l
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.run.merged_models import merged_record
-from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, PROMPT_READING, TRAINING_ONLY, UNCONDITIONAL_USES,
-                                              coerce, flag_value, split_set)
+from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, PROMPT_READING, SPEED_IN_TRAINING_ONLY,
+                                              TRAINING_ONLY, UNCONDITIONAL_USES, coerce, flag_value, split_set)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import resolution_of
 
@@ -52,6 +52,11 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
         logger.warning(
             "--set %s: training settings; sample trains nothing, so they change nothing here",
             ", ".join(sorted(given & TRAINING_ONLY)))
+    if given & SPEED_IN_TRAINING_ONLY:  # (they were taken in silence)
+        logger.warning("--set %s: speed settings of training's steps; sample renders through diffusers' pipeline "
+                       "without them, so they change nothing here", ", ".join(sorted(given & SPEED_IN_TRAINING_ONLY)))
+    # said to change nothing, so they refuse nothing either (activation_offload's rule of the VAE checkpointing)
+    args.set = [s for s in args.set if split_set(s)[0] not in TRAINING_ONLY | SPEED_IN_TRAINING_ONLY]
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
@@ -284,6 +289,10 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
                     "renders with this command's (%s px, %d steps, guidance %g); sample LORA --model BASE renders as "
                     "that run did", cfg.model, fused_loras(held), _into(held), resolution_of(cfg.width, cfg.height),
                     cfg.sample_steps, cfg.guidance_scale)
+    if len(cfg.sizes) > 1:  # (a run's list of sizes, or one given: it rendered at the first in silence)
+        logger.info("resolution=%s gives %d sizes: sample renders at the first, %s px, as a run's sample grids do "
+                    "(--set resolution=%s renders at another)", flag_value(cfg.resolution), len(cfg.sizes),
+                    resolution_of(cfg.width, cfg.height), resolution_of(*cfg.sizes[1]))
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
                        prompts=request.prompts or None, default_model=request.default_model)

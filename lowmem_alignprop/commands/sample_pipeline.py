@@ -3,11 +3,14 @@ its denoiser placed once the adapters are loaded (:func:`place_denoiser`)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lowmem_alignprop.commands import flow_sample
 from lowmem_alignprop.models import loading
 from lowmem_alignprop.models.family import family_for
+from lowmem_alignprop.settings.config import set_flags
 
 
 def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts=(), specs=()):
@@ -22,6 +25,14 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
         pipe = flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts, specs)
         pipe._lowmem_revision = comps.revision  # a hub id's commit: sample_results.json's model_revision
         return pipe
+    # a UNet's int8/nf4 load quantized (loading.load_components); block swap and fp8 storage are flow_sample's alone
+    on = {**({"block_swap": 0} if cfg.block_swap else {}), **({"base_quant": "none"} if cfg.base_quant == "fp8" else {})}
+    if on:
+        logging.getLogger("lowmem_alignprop").warning(  # (they were taken in silence)
+            "%s: sample streams and stores only an SD3/FLUX transformer so; it holds an SD UNet model's UNet whole and "
+            "unquantized (nothing saved here%s); turn %s off: %s", " and ".join(f"{k}={getattr(cfg, k)}" for k in on),
+            ", its images of the full-precision base" if "base_quant" in on else "", "it" if len(on) == 1 else "them",
+            set_flags(on))
     pipe = family.make_pipeline(comps)
     pipe._lowmem_revision = comps.revision
     pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments

@@ -1181,6 +1181,10 @@ TRAINING_ONLY = frozenset((
     "fidelity_every", "checkpoint_every", "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps",
     "log_every", "optimizer", "prompt_order", "report_to", "fidelity_images"))
 
+# the speed settings of training's own steps (models/loading.apply_speed_features and nograd_unet, merged_lora, the
+# prompt encoder's cache): `sample` renders through diffusers' pipelines without them, and says a --set of one
+SPEED_IN_TRAINING_ONLY = frozenset(("compile", "channels_last", "tf32", "merge_lora_nograd", "cache_prompt_embeddings"))
+
 # what the run's images were scored with and on: `sample` of its LoRA takes them too, where they are at hand
 RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts", "prompt_column", "prompt_filter")
 PROMPT_READING = ("prompt_column", "prompt_filter")  # how a table of --prompts is read: they go with it
