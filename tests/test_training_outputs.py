@@ -746,6 +746,25 @@ def test_init_lora_of_an_sdxl_lora_starts_where_diffusers_own_loader_puts_it(lay
     assert_rel_close(ours, theirs, SAME_OPS, f"step 0 from an SDXL {layout} LoRA")
 
 
+def test_init_lora_of_another_model_is_refused_before_the_model_loads(sdxl_lora, tmp_path, capsys, monkeypatch,
+                                                                      fresh_log_handlers):
+    """An SDXL LoRA given to a run of the tiny SD model: its layer shapes are fitted onto the meta model first, as plan
+    fits them, so the line comes before any weight is read (it came once the model had loaded: minutes for SDXL or
+    FLUX), and nothing is written."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.training import train_setup
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded before the refusal")
+    monkeypatch.setattr(train_setup, "load_components", loaded)
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--steps", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3",
+                 "--output-dir", str(out), "--init-lora", str(sdxl_lora["lora"])]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --init-lora {sdxl_lora['lora']} does not fit this "
+                                                     "model: ") and not out.exists()
+
+
 def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothing(made_lora, sdxl_lora, made_ff_lora,
                                                                                   tmp_path, capsys, fresh_log_handlers):
     from lowmem_alignprop.cli import main

@@ -285,6 +285,19 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 f"the copy or that file, or {resume}")
         return file
 
+    def check_init_lora_fits(self) -> None:
+        """--init-lora's LoRA fitted onto the model built on the meta device, as plan fits it: another model's LoRA
+        (other layer shapes) is refused now with the line loading gives, not once the model has loaded (minutes for
+        SDXL or FLUX). A model whose meta copy cannot be built here (a hub id without its configs) is left to it."""
+        from lowmem_alignprop.lora.init_lora import check_fits_meta_model
+
+        try:
+            meta_models.meta_base(self.cfg, torch.float32)
+        except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
+            return
+        with same_on_every_rank():
+            check_fits_meta_model(self.cfg, self.init_file)
+
     def run(self) -> dict:
         try:
             # the memory measurement's collections and scans walk the run's own objects, not the libraries'
@@ -319,6 +332,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                             self.point.step, self.refinish, self.point.path)
         self.init_file = self.find_init_lora()
         self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (see find_init_lora)
+        if self.init_file is not None and self.point is None:
+            self.check_init_lora_fits()
         if self.init_file is not None and self.init_file != self.init_lora_copy:  # (a resume's copy: its record kept)
             from lowmem_alignprop.lora.init_lora import init_lora_source
             self.init_source = init_lora_source(self.cfg.init_lora) if self.is_rank0() else None
