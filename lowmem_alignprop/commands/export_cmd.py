@@ -27,9 +27,9 @@ def export_parser() -> argparse.ArgumentParser:
                "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora\n"
                "  lowmem-alignprop export --lora someone/style-lora --format kohya --out style-kohya   # from the hub")
     p.add_argument("lora_dir", nargs="?", metavar="LORA", help="the LoRA to export, as --lora (either way)")
-    p.add_argument("--lora", metavar="DIR", help="the lora/ folder a run wrote (or its best/, its "
-                   ".safetensors file, the run folder, a training checkpoint: checkpoints/step-300), or such a LoRA on the Hugging Face hub: OWNER/NAME, "
-                   "OWNER/NAME/FILE.safetensors, OWNER/NAME@REV (a path that exists wins)")
+    p.add_argument("--lora", metavar="DIR", help="the lora/ folder a run wrote (or its best/, its .safetensors "
+                   "file, the run folder, a training checkpoint: checkpoints/step-300), or such a LoRA on the Hugging "
+                   "Face hub: OWNER/NAME, OWNER/NAME/FILE.safetensors, OWNER/NAME@REV (a path that exists wins)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
                    help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
                         "(default). Several, comma-separated (kohya,peft): one folder each (with --out: OUT/FORMAT)")
