@@ -1371,8 +1371,8 @@ def test_sample_says_what_it_does_not_read_and_refuses_nothing_for_it(tmp_path, 
     assert "--set activation_offload: training settings; sample trains nothing, so they change nothing here" in lines
     assert ("--set compile, merge_lora_nograd: speed settings of training's steps; sample renders through diffusers' "
             "pipeline without them, so they change nothing here") in lines
-    assert ("block_swap=1 and base_quant=fp8: sample streams and stores only an SD3/FLUX transformer so; it holds an SD "
-            "UNet model's UNet whole and unquantized (nothing saved here, its images of the full-precision base); "
+    assert ("block_swap=1 and base_quant=fp8: sample streams and stores only an SD3/FLUX transformer so; it holds an "
+            "SD UNet model's UNet whole and unquantized (nothing saved here, its images of the full-precision base); "
             "turn them off: --set block_swap=0 --set base_quant=none") in lines
 
 

@@ -26,7 +26,8 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
         pipe._lowmem_revision = comps.revision  # a hub id's commit: sample_results.json's model_revision
         return pipe
     # a UNet's int8/nf4 load quantized (loading.load_components); block swap and fp8 storage are flow_sample's alone
-    on = {**({"block_swap": 0} if cfg.block_swap else {}), **({"base_quant": "none"} if cfg.base_quant == "fp8" else {})}
+    on = {**({"block_swap": 0} if cfg.block_swap else {}),
+          **({"base_quant": "none"} if cfg.base_quant == "fp8" else {})}
     if on:
         logging.getLogger("lowmem_alignprop").warning(  # (they were taken in silence)
             "%s: sample streams and stores only an SD3/FLUX transformer so; it holds an SD UNet model's UNet whole and "
