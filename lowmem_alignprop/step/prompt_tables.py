@@ -56,6 +56,12 @@ class TableRead:
         return [f"{name}={value}" for name, value in ((self.column_field, self.column), (self.filter_field,
                                                                                           self.where)) if value]
 
+    def without_columns(self, what: str, also: str = "") -> UserError:
+        """The line for a column or filter :attr:`given` for a prompt set that has no columns (``what``: what it is;
+        ``also``: said after 'without columns')."""
+        return UserError(f"{' and '.join(self.given)}: {what}, without columns{also}: drop --set "
+                         f"{self.given[0].partition('=')[0]}")
+
 
 Row = tuple[str, Any]  # (where it is, as a line names it: 'row 3', 'item 3', 'line 3'; a row's dict or a string)
 
@@ -72,8 +78,7 @@ def read_table(path: Path, how: TableRead, shown: str = "") -> list[str]:
     columns, rows_of = _parquet(path, shown) if kind == "Parquet" else _parsed(path, kind, shown)
     if columns is None:  # a list of strings: each a prompt
         if how.given:
-            raise UserError(f"{' and '.join(how.given)}: prompt file {shown} is a {kind} list of strings, one prompt "
-                            f"each, without columns: drop --set {how.given[0].partition('=')[0]}")
+            raise how.without_columns(f"prompt file {shown} is a {kind} list of strings, one prompt each")
         cells = rows_of([])
         column = ""
     else:

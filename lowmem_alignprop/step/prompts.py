@@ -86,9 +86,8 @@ def read_file(path: Path, how: TableRead, shown: str = "") -> list[str]:
     if is_table(path):
         return read_table(path, how, shown)
     if how.given:
-        raise UserError(f"{' and '.join(how.given)}: prompt file {shown or path} is a text file, one prompt per line, "
-                        f"without columns (a table is a {', '.join(TABLE_KINDS)} file): drop --set "
-                        f"{how.given[0].partition('=')[0]}")
+        raise how.without_columns(f"prompt file {shown or path} is a text file, one prompt per line",
+                                  f" (a table is a {', '.join(TABLE_KINDS)} file)")
     return read_prompt_file(path, shown)
 
 
@@ -123,8 +122,7 @@ def load_prompts(spec: str, column: str = "", where: str = "", prefix: str = "")
     spec = str(spec).strip()
     if spec in PROMPT_SETS:
         if how.given:
-            raise UserError(f"{' and '.join(how.given)}: {spec} is a built-in prompt set, without columns: drop "
-                            f"--set {how.given[0].partition('=')[0]}")
+            raise how.without_columns(f"{spec} is a built-in prompt set")
         return _builtin(spec)
     if (hub := hub_table(spec, how)) is not None:
         return read_file(hub.path, how, hub.address)
