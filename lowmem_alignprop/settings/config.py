@@ -402,9 +402,9 @@ class Config:
     def _validate_resolution(self) -> None:
         """Each side at least 8 px, a multiple of 8 and within UPPER_BOUNDS' (an SD3/FLUX model's files may ask more:
         checked after), each size of a list alike."""
+        most, why = next((most, why) for name, most, why in UPPER_BOUNDS if name == "resolution")
         for width, height in self.sizes:  # (a malformed value: its one line)
             value = resolution_of(width, height)
-            most, why = next((most, why) for name, most, why in UPPER_BOUNDS if name == "resolution")
             if max(width, height) > most:  # absurd sizes: a plan or a start-up check would run for hours
                 side, fix = ("", most) if width == height else (" on a side", resolution_of(min(width, most),
                                                                                            min(height, most)))
