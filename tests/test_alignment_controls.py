@@ -726,6 +726,13 @@ def test_renders_past_the_last_step_and_judging_outside_the_toy_world_are_said()
     assert unjudged_note(Config(model="tiny", fidelity_every=2), ["a photo of a cat"]) == (
         "fidelity_every=2 judges images with the toy world's exact evaluators, and this run is not in it (--model "
         "tiny, prompts outside its grammar): nothing is judged")
+    # fidelity_images likewise when the user chose a number (its default, 32, is every run's: not said)
+    assert unjudged_note(Config(model="tiny", fidelity_images=32), ["a photo of a cat"]) is None
+    assert unjudged_note(Config(model="tiny", fidelity_images=0), ["a photo of a cat"]) is None
+    assert unjudged_note(Config(model="tiny", fidelity_images=8), ["a red circle"]) is None
+    assert unjudged_note(Config(model="tiny", fidelity_every=3, fidelity_images=8), ["a photo of a cat"]) == (
+        "fidelity_every=3 and fidelity_images=8 judge images with the toy world's exact evaluators, and this run is "
+        "not in it (--model tiny, prompts outside its grammar): nothing is judged")
 
 
 def test_reward_cap_with_lv_draws_counts_every_draw_before_skipping_a_step(tmp_path, monkeypatch):

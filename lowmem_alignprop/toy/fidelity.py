@@ -354,11 +354,16 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
 
 
 def unjudged_note(cfg, prompts: Sequence[str]) -> str | None:
-    """fidelity_every set for a run outside the toy world (it judged nothing, unsaid); None when it is not."""
-    if not cfg.fidelity_every or applies(cfg.model, prompts):
+    """fidelity_every, or a fidelity_images other than its default, set for a run outside the toy world (it judged
+    nothing, unsaid); None when neither is."""
+    default = type(cfg).__dataclass_fields__["fidelity_images"].default
+    given = [f"{name}={getattr(cfg, name)}" for name in ("fidelity_every", "fidelity_images")
+             if getattr(cfg, name) not in (0, default if name == "fidelity_images" else 0)]
+    if not given or applies(cfg.model, prompts):
         return None
-    return (f"fidelity_every={cfg.fidelity_every} judges images with the toy world's exact evaluators, and this run "
-            f"is not in it (--model {cfg.model}, prompts outside its grammar): nothing is judged")
+    return (f"{' and '.join(given)} {'judges' if len(given) == 1 else 'judge'} images with the toy world's exact "
+            f"evaluators, and this run is not in it (--model {cfg.model}, prompts outside its grammar): nothing is "
+            "judged")
 
 
 def off_grammar_note(model: str, prompts: Sequence[str], what: str = "prompts") -> str | None:
