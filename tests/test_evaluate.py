@@ -384,6 +384,22 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_said(tmp_path, tiny_dir,
     assert "1 of 2 prompts are longer than the" in caplog.text and "tokens the text encoder reads" in caplog.text
 
 
+def test_fp16_on_a_cpu_is_said_by_sample_as_by_train(tmp_path, tiny_dir, loras, caplog):
+    """`sample --set mixed_precision=fp16` (or a GPU profile's) on a machine without CUDA rendered in fp32 in silence;
+    train says it. The images are fp32's: the same scores as without the setting."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    args = ["sample", *COMMON, str(loras["a"]), "--prompt", "a dog"]
+    assert main([*args, "--set", "mixed_precision=fp16", "--output-dir", str(tmp_path / "fp16")]) == 0
+    assert "mixed_precision=fp16 needs a CUDA device: rendering in fp32 on this CPU" in caplog.messages
+    caplog.clear()
+    assert main([*args, "--output-dir", str(tmp_path / "fp32")]) == 0
+    assert not [m for m in caplog.messages if "needs a CUDA device" in m]
+    scores = [json.loads((tmp_path / name / SAMPLE_RESULTS).read_text())["per_prompt"] for name in ("fp16", "fp32")]
+    assert scores[0] == scores[1]
+
+
 def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
     """`sample --prompt TEXT` (repeatable): exactly those prompts, in that order (surrounding spaces dropped), each
     image the one diffusers renders for that prompt and seed; the results name them as given with --prompt."""

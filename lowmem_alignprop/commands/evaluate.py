@@ -185,6 +185,8 @@ def _device_and_reward(cfg) -> tuple[torch.device, torch.dtype, str, Any]:
     check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
     weight_dtype = precision.frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
+    if (fp32 := precision.fp32_instead_note(cfg.mixed_precision, device.type, "rendering in")):  # (as train says it)
+        log.warning("%s", fp32)
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = rewards.build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False,

@@ -27,6 +27,13 @@ def running_precision(mixed_precision: str, device_type: str) -> str:
     return "no" if device_type == "cpu" and mixed_precision == "fp16" else mixed_precision
 
 
+def fp32_instead_note(mixed_precision: str, device_type: str, verb: str = "using") -> str | None:
+    """What ``train`` and ``sample`` say when :func:`running_precision` is not the one asked for (fp16 on a CPU)."""
+    if running_precision(mixed_precision, device_type) == mixed_precision:
+        return None
+    return f"mixed_precision={mixed_precision} needs a CUDA device: {verb} fp32 on this CPU"
+
+
 def cpu_autocast(mixed_precision: str):
     """The autocast a CPU step runs in, as accelerate sets it on a CPU: bf16's, else none (a context factory)."""
     if running_precision(mixed_precision, "cpu") == "bf16":

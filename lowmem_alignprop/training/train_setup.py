@@ -51,8 +51,8 @@ def make_accelerator(cfg: Config, output_dir: Path):
 
     kwargs = {}
     mp = precision.running_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
-    if mp != cfg.mixed_precision:
-        log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
+    if (fp32 := precision.fp32_instead_note(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")):
+        log.warning("%s", fp32)
     if not torch.cuda.is_available() and mp == "bf16" and precision.cpu_has_bf16() is False:
         log.warning("mixed_precision=bf16 on a CPU without bf16 instructions (%s): torch emulates them, many times "
                     "slower than fp32; --set mixed_precision=no is faster here (the cpu profile's)",
