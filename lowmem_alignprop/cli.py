@@ -372,6 +372,7 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="estimate afresh, neither reading nor writing the "
                    "estimate cache (estimates of a configuration planned before are read from it; the cache "
                    "knows the package's code, the libraries and the model's files: docs/design.md section 4)")
+    p.add_argument("--auto-fit", action="store_true", help=argparse.SUPPRESS)  # train's: refused with plan's word
     return add_run_options(p)
 
 
@@ -393,6 +394,9 @@ def cmd_plan(argv: list[str]) -> int:
                         f"searches: add --fastest, or leave {'it' if len(search_only) == 1 else 'them'} out")
     if args.max_estimates is not None and args.max_estimates < 1:
         raise UserError(f"--max-estimates {args.max_estimates}: give at least 1 (default 40)")
+    if args.auto_fit:  # (the unknown-option line sent it to --set auto_fit=true, which plan does not read)
+        raise UserError("--auto-fit is train's (the fastest configuration that fits its card, searched before the "
+                        "first step): plan --fastest prints the configuration it would train")
     name, cfg = config_from_args(args)
     from lowmem_alignprop.commands.plan_cmd import plan_main
     return plan_main(cfg, name, argv, started=started, as_json=args.json, target=args.device,

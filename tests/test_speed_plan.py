@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import time
 
@@ -398,6 +399,8 @@ def test_fastest_refuses_without_budget_or_card(tiny_dir):
     (["--max-estimates", "5", "--allow-task-changes"], "",
      "error: --allow-task-changes and --max-estimates set how plan --fastest searches: add --fastest, or leave them out"),
     (["--fastest", "--max-estimates", "0"], "", "error: --max-estimates 0: give at least 1 (default 40)"),
+    (["--auto-fit"], "", "error: --auto-fit is train's (the fastest configuration that fits its card, searched before "
+                         "the first step): plan --fastest prints the configuration it would train"),
     (["--fastest"], "two", "error: LOWMEM_ALIGNPROP_PLAN_JOBS='two': set it to the number of worker processes plan "
                            "--fastest may use (1: none), or unset it"),
 ])
@@ -410,6 +413,23 @@ def test_search_options_without_fastest_or_out_of_range_are_one_line(args, env, 
         monkeypatch.setenv(fastest.JOBS_ENV, env)
     assert main(["plan", "--profile", "rtx3060", "--model", "tiny", *args]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_plan_of_an_auto_fit_configuration_says_it_plans_it_as_given(caplog, capsys):
+    """`plan --set auto_fit=true` (or a run's config.yaml that has it) planned the configuration as given, not the
+    one --auto-fit would train, without a word."""
+    from lowmem_alignprop.cli import main
+
+    args = ["plan", "--profile", "rtx3060", "--model", "tiny", "--set", "resolution=64", "--no-suggest"]
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*args, "--set", "auto_fit=true"]) == 0
+    said = "auto_fit=true searches before train's first step: this plan is of the configuration as given; plan " \
+           "--fastest prints the configuration the search would train"
+    assert said in caplog.messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(args) == 0
+    assert said not in caplog.messages
 
 
 def test_plan_refuses_a_tracker_whose_package_is_missing_as_train_does(monkeypatch, capsys):

@@ -43,6 +43,9 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
         taken = check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
         if sampler is not None and (other := other_sampler(cfg.init_lora, file, sampler, cfg.eta)):
             logger.warning("%s", other)  # (training's warning; a hub id's sampler is told only as it loads)
+    if cfg.auto_fit and not fastest:  # (--set auto_fit=true, or a run's config.yaml: planned as given, unsaid)
+        logger.warning("auto_fit=true searches before train's first step: this plan is of the configuration as "
+                       "given; plan --fastest prints the configuration the search would train")
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
     if cfg.init_lora and log is not None:  # what was checked (rank, layers), as training says it starts
