@@ -567,7 +567,10 @@ def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch
 def test_resume_with_nothing_left_to_train(trained, capsys):
     before = snapshot(trained)
     fails(capsys, [*FAST, "--output-dir", str(trained), "--steps", "2", "--resume", "latest"],
-          "nothing left to train; raise --steps above 2")
+          "is at step 2 and --steps is 2 (the run's last step: it is done): nothing left to train; raise --steps "
+          "above 2")  # (a finished run resumed again: said as done, not only as a refusal)
+    fails(capsys, [*FAST, "--output-dir", str(trained), "--steps", "1", "--resume", "latest"],
+          "is at step 2 and --steps is 1 (past them): nothing left to train; raise --steps above 2")
     assert snapshot(trained) == before
 
 

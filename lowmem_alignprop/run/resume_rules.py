@@ -109,8 +109,9 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {theirs} process{'es' * (theirs > 1)}; this "
                         f"run has {ours}: resume {how}")
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
-        raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
-                        f"train; raise --steps above {state['step']} to continue")
+        done = "the run's last step: it is done" if int(state["step"]) == cfg.steps else "past them"
+        raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps} ({done}): nothing "
+                        f"left to train; raise --steps above {state['step']} to continue")
     since = evaluations_since_best(state)
     if stopped_early(state, cfg) and not finished:  # each resume would train one step and stop again
         raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
