@@ -367,6 +367,37 @@ def test_best_and_patience_follow_the_line_a_resume_continues(night, tmp_path, c
     assert best_step(out) == 3 and (out / "best-before-step-3").is_dir()
 
 
+def test_a_kill_between_best_and_its_checkpoint_leaves_no_repeated_best_aside(night, tmp_path, caplog):
+    """A kill after step 3's best/ was written and before its checkpoint: the resume sets best/ (step 3) aside and
+    trains step 3 again to the same weights; the set-aside copy repeated best/ (one more for each such kill). It is
+    removed when the weights are equal bit for bit, and kept when they are not (a branch's)."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.run import atomic
+
+    bright = [*night, "--reward", "brightness", "--eval-every", "1", "--set", "keep_checkpoints=0",
+              "--checkpoint-every", "1", "--steps", "3"]
+    out = tmp_path / "run"
+    assert main([*bright, "--output-dir", str(out)]) == 0
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 3  # (premise: brightness rises)
+    before = _lora(out / "best")
+    for gone in ("checkpoints/step-00000003", "lora", "summary.json"):  # as the kill left the run
+        atomic.remove_dir(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*bright, "--output-dir", str(out), "--resume", "latest"]) == 0
+    assert "moved to" in caplog.text and "which this run trained again to the same weights: removed" in caplog.text
+    assert not list(out.glob("best-*")) and json.loads((out / "best" / "best.json").read_text())["step"] == 3
+    after = _lora(out / "best")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    # other weights under the same step (here: best/ edited as a branch's would differ): kept aside
+    (out / "checkpoints/step-00000003").rename(tmp_path / "step-3")
+    for gone in ("lora", "summary.json"):
+        atomic.remove_dir(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    weights = next((out / "best").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert main([*bright, "--output-dir", str(out), "--resume", "latest"]) == 0
+    assert [p.name for p in out.glob("best-*")] == ["best-before-step-3"]
+
+
 def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_writes_one(tmp_path, caplog):
     """keep_best_of with no best/ or checkpoint of the best step (rotated away; a full fine-tune's checkpoint holds
     no LoRA, and its resume must not fail on it): best_kept is False, and the next better evaluation's best/ makes it

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import functools
 import json
 import logging
@@ -203,6 +204,7 @@ class HeldOut:
         self.since_best = 0  # evaluations since the best one
         self.stopped_at: int | None = None
         self.best_kept = True  # best/ holds best_step's LoRA (a resume may find it gone: keep_best_of)
+        self.set_aside: tuple[Path, int | None] | None = None  # keep_best_of's best-before-step-N/ and its step
 
     def due(self, step: int) -> bool:
         return schedule.due(self.cfg.eval_every, self.cfg.steps, step)
@@ -275,6 +277,21 @@ class HeldOut:
         with atomic.replacing_dir(self.out / BEST_DIR) as tmp:
             write(tmp)
             (tmp / BEST_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        self._drop_repeated_aside(record["step"])
+
+    def _drop_repeated_aside(self, step: int) -> None:
+        """The best/ this start set aside, when the step just written to best/ is its step with the same weights,
+        bit for bit: a kill between step N's best/ and its checkpoint, whose resume trained step N again, left a
+        best-before-step-N/ that repeated best/ (one more for each such kill)."""
+        if self.set_aside is None or self.set_aside[1] != step:
+            return
+        aside, self.set_aside = self.set_aside[0], None
+        names = [sorted(p.name for p in folder.glob("*.safetensors")) for folder in (aside, self.out / BEST_DIR)]
+        if names[0] and names[0] == names[1] and all(filecmp.cmp(aside / n, self.out / BEST_DIR / n, shallow=False)
+                                                     for n in names[0]):
+            atomic.remove_dir(aside)
+            log.info("resume: %s held step %d's LoRA, which this run trained again to the same weights: removed",
+                     aside, step)
 
     @property
     def exhausted(self) -> bool:
@@ -300,6 +317,7 @@ class HeldOut:
         if final.exists():
             aside = next_free_dir(self.out / f"{BEST_DIR}-before-step-{start + 1}", Path.exists)
             final.rename(aside)
+            self.set_aside = (aside, runfolder.best_step(aside))
             log.warning("resume: %s held the LoRA of step %s, not of the best evaluation this run continues from "
                         "(%s): moved to %s", final, runfolder.best_step(aside),
                         "none yet" if self.best_step is None else self.best_step, aside)
