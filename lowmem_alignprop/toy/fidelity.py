@@ -356,9 +356,9 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
 def unjudged_note(cfg, prompts: Sequence[str]) -> str | None:
     """fidelity_every, or a fidelity_images other than its default, set for a run outside the toy world (it judged
     nothing, unsaid); None when neither is."""
-    default = type(cfg).__dataclass_fields__["fidelity_images"].default
-    given = [f"{name}={getattr(cfg, name)}" for name in ("fidelity_every", "fidelity_images")
-             if getattr(cfg, name) not in (0, default if name == "fidelity_images" else 0)]
+    given = [f"fidelity_every={cfg.fidelity_every}"] if cfg.fidelity_every else []
+    if cfg.fidelity_images not in (0, type(cfg).__dataclass_fields__["fidelity_images"].default):  # (32: every run's)
+        given.append(f"fidelity_images={cfg.fidelity_images}")
     if not given or applies(cfg.model, prompts):
         return None
     return (f"{' and '.join(given)} {'judges' if len(given) == 1 else 'judge'} images with the toy world's exact "
