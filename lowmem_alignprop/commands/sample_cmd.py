@@ -129,7 +129,7 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
         what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
         logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].shown, settings)
-    say_other_runs(specs, base[1], given)
+    say_other_runs(specs, base[1], given, args)
 
 
 def _with_pins(taken: dict, record: dict | None, given: set[str]) -> dict:
@@ -161,7 +161,7 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
             "does%s (--set KEY=VALUE chooses)", specs[0].arg, ", ".join(dict.fromkeys(keys[k] for k in taken)),
             " ".join(_as_sets(taken)),
             ", at eta=0 (the header does not say the run's; zero SNR needs one below 1)" if eta else "")
-    say_other_runs(specs, settings, given)
+    say_other_runs(specs, settings, given, args)
 
 
 MERGED_HOLDS = ("model_components", "vae")  # a merged model's own parts (its VAE is its LoRA's run's): not taken
@@ -247,9 +247,12 @@ def _usable(args: argparse.Namespace, settings: dict, given: set[str]) -> dict:
     return taken
 
 
-def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str]) -> None:
+def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str], args: argparse.Namespace | None = None) -> None:
     """A mix renders as the first LoRA's run did (``first``: the settings taken from its record or header): another
-    LoRA's run's other settings (its base_model.json's, else what its header says) are said."""
+    LoRA's run's other settings (its base_model.json's, else what its header says) are said. A setting the first does
+    not record renders at the profile's value (``args``: the command line, the first's settings in it): one the other
+    run's equals is no difference (a LoRA from elsewhere first said a run's eta=1.0 differed from the profile's 1.0)."""
+    rendered: dict | None = None
     for spec in specs[1:]:
         if base_record_file(spec) is not None:
             if (record := recorded_base(spec, model_given=True)) is None:
@@ -258,11 +261,30 @@ def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str]) -> None:
         else:  # (a header says only some settings: those it does not say are not compared)
             other = header_image_settings(spec.header_file)[0]
             keys = set(other)
-        if differ := sorted(k for k in keys - given if first.get(k) != other.get(k)):
+        differ = sorted(k for k in keys - given if first.get(k) != other.get(k))
+        if args is not None and any(k not in first for k in differ):
+            rendered = _rendered_with(args) if rendered is None else rendered
+            differ = [k for k in differ if k in first or k not in rendered or rendered[k] != other.get(k)]
+        if differ:
             logger.warning(
                 "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
                 "chooses", spec.arg, " ".join(f"{k}={other.get(k, '(default)')}" for k in differ),
                 " ".join(f"{k}={first.get(k, '(default)')}" for k in differ))
+
+
+def _rendered_with(args: argparse.Namespace) -> dict:
+    """The settings the command's config holds (built as the command builds it, its lines said then, not here); {}
+    where it cannot be built (its one line comes when the command builds it)."""
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+
+    was, logger.disabled = logger.disabled, True
+    try:
+        flags = {f: getattr(args, f, None) for f in FLAG_FIELDS}
+        return resolve_config(getattr(args, "profile", "auto"), flags, args.set, training=False)[1].to_dict()
+    except (UserError, ValueError, OSError):
+        return {}
+    finally:
+        logger.disabled = was
 
 
 def unguided(sets: list[str]) -> bool:
