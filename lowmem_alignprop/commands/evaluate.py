@@ -33,7 +33,7 @@ import torch
 from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_sample, sample_pipeline
 from lowmem_alignprop.training import grid
-from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+from lowmem_alignprop.lora.adapters import check_adapters_fit_meta_model, load_adapters, mix_adapters
 from lowmem_alignprop.lora.lora_args import LoraSpec
 from lowmem_alignprop.lora.lora_checks import check_lora_family, check_lora_files, warn_other_base
 from lowmem_alignprop.lora.lora_kinds import pipeline_model
@@ -124,6 +124,8 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     # a FLUX LoRA on SD1.5 (or the reverse) as the model's files tell: one line, before any note on the model
     flow_sample.check_no_t5_layers([s for s in specs if s.family == "transformer"])
     check_lora_files(specs, cfg.model, cfg.model_components, default=default_model)
+    if specs:  # another model's layer widths (an SDXL LoRA on SD1.5): its line before the model loads
+        check_adapters_fit_meta_model(cfg, specs, default_model)
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
     loading.check_before_load(cfg)  # a sampler or VAE loading would refuse (header reads): before any line on prompts

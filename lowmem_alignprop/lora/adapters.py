@@ -81,6 +81,23 @@ def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") ->
                           f"it was trained for another base model: pass that model with --model ({now})")
 
 
+def check_adapters_fit_meta_model(cfg, specs: list[LoraSpec], default: str = "") -> None:
+    """The LoRAs loaded onto ``cfg.model`` built on the meta device (its shapes, no weights) as :func:`load_adapters`
+    loads them onto the real one, as plan fits --init-lora's: a LoRA of another UNet model (other layer widths: an
+    SDXL LoRA on SD1.5) is refused with loading's line before the model loads (it came once the model had loaded:
+    minutes for SDXL). An SD3/FLUX transformer's width is told from its files before (lora_checks.check_lora_files);
+    a model whose meta copy cannot be built here (a hub id without its configs) is left to loading."""
+    from lowmem_alignprop.measure.meta_models import meta_components
+    from lowmem_alignprop.models.family import family_for
+
+    try:
+        comps = meta_components(cfg, torch.float32)
+    except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
+        return
+    if not (family := family_for(comps)).flow:
+        load_adapters(family.make_pipeline(comps), specs, cfg.model, default)
+
+
 # what diffusers' LoRA loading and its format converters raise for a file that does not fit the model (a converter's
 # assert on another model's widths, an index past a layer list)
 MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError, TypeError)
