@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import sys
 
@@ -328,6 +329,16 @@ def test_a_resume_reads_the_commit_its_run_read_and_a_changed_column_changes_its
     assert results["prompts"] == f"hf://datasets/o/set@{first}/set.tsv" and results["prompts_source"] == {
         **source, "spec": results["prompts"]}
     assert [row["prompt"] for row in results["per_prompt"]] == ["a red circle"]
+    # a copy of lora/ away from its run (no config.yaml or prompts.json above it): its base_model.json names that
+    # commit (it named the address alone, which reads main's other prompts)
+    away = tmp_path / "away"
+    shutil.copytree(out / "lora", away)
+    pinned = f"hf://datasets/o/set@{first}/set.tsv"
+    assert json.loads((away / "base_model.json").read_text(encoding="utf-8"))["scoring"]["prompts"] == pinned
+    assert main(["sample", str(away), "--num-prompts", "1", "--set", "sample_steps=2", "--output-dir",
+                 str(tmp_path / "sampled-away")]) == 0
+    results = json.loads((tmp_path / "sampled-away" / "sample_results.json").read_text(encoding="utf-8"))
+    assert results["prompts"] == pinned and [row["prompt"] for row in results["per_prompt"]] == ["a red circle"]
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*FAST, "--steps", "2", "--resume", "latest", "--output-dir", str(out), "--set",
                      "prompt_column=Short"]) == 0

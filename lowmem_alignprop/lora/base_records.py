@@ -14,11 +14,12 @@ from lowmem_alignprop.lora.lora_files import check_recorded_base, read_run, shar
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE
+from lowmem_alignprop.run.hub import with_pinned_prompts
 from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import PROMPT_READING, image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name
-from lowmem_alignprop.step.hub_prompts import run_sources, with_pinned_prompts
+from lowmem_alignprop.step.hub_prompts import run_sources
 from lowmem_alignprop.step.prompts import configured_prompts
 
 log = logging.getLogger("lowmem_alignprop")

@@ -328,7 +328,7 @@ def pinned_prompts(line: str, sources: dict[str, dict]) -> str:
 
 def _pinned_sources(sources: dict[str, dict]) -> dict[str, tuple[str, str]]:
     """{field: (the address given, the address of the commit and file read)} of :func:`prompt_sources`' records."""
-    from lowmem_alignprop.step.hub_prompts import recorded_address
+    from lowmem_alignprop.run.hub import recorded_address
 
     return {field: (r["spec"], at) for field, r in sources.items() if (at := recorded_address(r)) is not None}
 
@@ -403,7 +403,7 @@ def has_relative_path(command: str, folder: Path) -> bool:
     import shlex
 
     from lowmem_alignprop.lora.hub_lora import hub_lora_id
-    from lowmem_alignprop.step.hub_prompts import PREFIX as HUB_PREFIX
+    from lowmem_alignprop.run.hub import PREFIX as HUB_PREFIX
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     try:

@@ -67,14 +67,16 @@ def config_sha(unet, storage: bool = False) -> str:
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def base_record(fp: dict[str, Any], config: dict[str, Any]) -> str:
+def base_record(fp: dict[str, Any], config: dict[str, Any], sources: Any = None) -> str:
     """base_model.json beside a LoRA: the base model's fingerprint, the image settings its run sampled with
-    (``image_settings``) and the reward and prompts it was scored with (``scoring``), so that a LoRA folder or an
-    export copied away from its run still samples and scores as the run did."""
+    (``image_settings``) and the reward and prompts it was scored with (``scoring``; a hub dataset's prompts at the
+    commit the run read, ``sources``: its records), so that a LoRA folder or an export copied away from its run
+    still samples and scores as the run did."""
+    from lowmem_alignprop.run.hub import with_pinned_prompts
     from lowmem_alignprop.settings.config import image_settings, scoring_settings
 
-    return json.dumps({**fp, "image_settings": image_settings(config), "scoring": scoring_settings(config)},
-                      indent=1)
+    return json.dumps({**fp, "image_settings": image_settings(config),
+                       "scoring": scoring_settings(with_pinned_prompts(config, sources))}, indent=1)
 
 
 def load_base_record(path: Path) -> dict[str, Any]:

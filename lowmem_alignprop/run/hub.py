@@ -14,11 +14,39 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.settings.hub_access import offline_by_setting, unreachable
 
 log = logging.getLogger("lowmem_alignprop")
+
+PREFIX = "hf://"  # a hub dataset's address: hf://datasets/OWNER/NAME[@REV][/FILE] (step/hub_prompts reads it)
+PROMPT_FIELDS = ("prompts", "eval_prompts")  # the settings that name a prompt set
+
+
+def address(repo: str, revision: str = "", file: str = "") -> str:
+    return f"{PREFIX}datasets/{repo}" + (f"@{revision}" if revision else "") + (f"/{file}" if file else "")
+
+
+def recorded_address(record: Any) -> str | None:
+    """The address of the commit and file a record (step/hub_prompts' ``HubTable.record``) names,
+    ``hf://datasets/OWNER/NAME@COMMIT/FILE`` (the address given reads the dataset's main now); None for a damaged
+    record."""
+    keys = ("spec", "repo", "file", "commit")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in keys):
+        return None
+    return address(record["repo"], record["commit"], record["file"])
+
+
+def with_pinned_prompts(config: dict, sources: Any) -> dict:
+    """A run's ``config`` with each prompt set (prompts, eval_prompts) read from a hub dataset (``sources``: its
+    records) named at the commit and file the run read: read again, it is what the run trained on."""
+    pinned = {field: at for field, record in (sources.items() if isinstance(sources, dict) else ())
+              if field in PROMPT_FIELDS and (at := recorded_address(record)) is not None
+              and config.get(field) == record["spec"]}
+    return {**config, **pinned}
+
 
 
 def download_hint(repo: str, then: str) -> str:

@@ -17,16 +17,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from lowmem_alignprop.run.filenames import PROMPTS_FILE
-from lowmem_alignprop.run.hub import cached_files, few, offline, refused_by_hub, snapshot_of
+from lowmem_alignprop.run.hub import (PREFIX, PROMPT_FIELDS, address, cached_files, few, offline, refused_by_hub,
+                                      snapshot_of)
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.step.prompt_tables import TABLE_KINDS, TableRead, is_table
 
 log = logging.getLogger("lowmem_alignprop")
 
-PREFIX = "hf://"
 MAX_BYTES = 200 * 1000 ** 2  # a prompt file larger than this is no list of prompts (a captions table with images)
 
 
@@ -50,20 +50,6 @@ class HubTable:
         return {"spec": self.spec, "repo": self.repo, "file": self.file, "commit": self.commit}
 
 
-def address(repo: str, revision: str = "", file: str = "") -> str:
-    return f"{PREFIX}datasets/{repo}" + (f"@{revision}" if revision else "") + (f"/{file}" if file else "")
-
-
-def recorded_address(record: Any) -> str | None:
-    """The address of the commit and file a record (:meth:`HubTable.record`) names,
-    ``hf://datasets/OWNER/NAME@COMMIT/FILE`` (the address given reads the dataset's main now); None for a damaged
-    record."""
-    keys = ("spec", "repo", "file", "commit")
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in keys):
-        return None
-    return address(record["repo"], record["commit"], record["file"])
-
-
 def run_sources(run: Path) -> dict[str, dict]:
     """The records of the hub dataset files a run's prompts were read from (its prompts.json ``sources``), else
     none."""
@@ -72,15 +58,6 @@ def run_sources(run: Path) -> dict[str, dict]:
     except (OSError, ValueError, TypeError, AttributeError):  # (no record, a damaged one)
         return {}
     return sources if isinstance(sources, dict) else {}
-
-
-def with_pinned_prompts(config: dict, sources: Any) -> dict:
-    """A run's ``config`` with each prompt set (prompts, eval_prompts) read from a hub dataset (``sources``: its
-    records) named at the commit and file the run read: read again, it is what the run trained on."""
-    pinned = {field: at for field, record in (sources.items() if isinstance(sources, dict) else ())
-              if field in PROMPT_FIELDS and (at := recorded_address(record)) is not None
-              and config.get(field) == record["spec"]}
-    return {**config, **pinned}
 
 
 def dataset_file(spec: str, how: TableRead) -> tuple[str, str, str] | None:
@@ -204,9 +181,6 @@ def _from_cache(repo: str, file: str, revision: str, spec: str, how: TableRead) 
                         f"be reached (no network, or HF_HUB_OFFLINE set): name one of those, or {hint}")
     raise UserError(f"{said}: the hub dataset {repo}{at} is not in the local hub cache and the hub cannot be reached "
                     f"(no network, or HF_HUB_OFFLINE set): {hint}")
-
-
-PROMPT_FIELDS = ("prompts", "eval_prompts")  # the settings that name a prompt set
 
 
 def read_sources(cfg) -> dict[str, dict]:
