@@ -1744,3 +1744,20 @@ def test_the_cards_code_samples_with_the_runs_settings(sd, tmp_path):
     sampled = scope["pipe"].scheduler.config
     assert (sampled.prediction_type, sampled.rescale_betas_zero_snr, sampled.timestep_spacing) == (
         "v_prediction", True, "trailing")
+
+
+def test_the_card_and_header_of_a_lora_away_from_its_run_tell_its_recorded_reward_and_size(sd, tmp_path):
+    """A LoRA copied away from its run folder (or read from the hub) has no config.yaml beside it: its card had no
+    reward or resolution row and its kohya header an empty alignprop_reward, though base_model.json records both.
+    They come from that record now (the steps, which it does not record, stay unsaid)."""
+    from safetensors import safe_open
+
+    away = tmp_path / "shared" / "lora"
+    shutil.copytree(sd["lora"], away)
+    config = yaml.safe_load((sd["run"] / "config.yaml").read_text())
+    out = export(tmp_path, away, "--format", "kohya")
+    card = (out / "README.md").read_text()
+    assert f"| reward | {config['reward']} |" in card and f"| resolution | {config['resolution']} px |" in card
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["alignprop_reward"] == config["reward"] == "colorfulness" and meta["alignprop_steps"] == ""

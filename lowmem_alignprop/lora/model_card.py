@@ -28,8 +28,12 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def run_info(lora: Lora) -> dict[str, Any]:
-    """What the card says about training: from config.yaml and summary.json when the run folder has them."""
-    c, s = lora.run_config, lora.summary
+    """What the card says about training: from config.yaml and summary.json when the run folder has them; a LoRA
+    away from its run (a copy, a hub LoRA) from what its base_model.json records of its run's images and scoring."""
+    recorded = lora.base if isinstance(lora.base, dict) else {}
+    c = lora.run_config or {k: v for part in ("image_settings", "scoring") if isinstance(recorded.get(part), dict)
+                            for k, v in recorded[part].items()}
+    s = lora.summary
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "lr_scheduler",
                 "lr_warmup_steps", "optimizer", "max_grad_norm", "mixed_precision", "resolution",
