@@ -256,11 +256,25 @@ def cmd_train(argv: list[str]) -> int:
                    else f"this resume starts at step {first}")
             raise UserError(f"--memory-snapshot {args.memory_snapshot}: {why}: give steps within {first}-{cfg.steps}")
     from lowmem_alignprop.commands.train_cmd import train_main
-    import shlex
     # the exact command, as typed (accelerate launch's own options are the launcher's): the run folder records it
     return train_main(cfg, name, folder, memory_snapshot=snapshot, set_flags=args.set,
                       lone_resume=args.resume if lone else None,
-                      command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]), began=began)
+                      command=_recorded_command(argv, args, name, bool(settings)), began=began)
+
+
+def _recorded_command(argv: list[str], args: argparse.Namespace, profile: str, resumed: bool) -> str:
+    """The command line command.txt records: as typed, after ``$LOWMEM_ALIGNPROP_MODEL=M`` where that variable chose
+    a new run's model (no --model, --set model= or profile file's model): the line alone trained the toy world."""
+    import shlex
+
+    from lowmem_alignprop.settings.config import MODEL_ENV
+    from lowmem_alignprop.settings.profiles import as_read
+
+    line = " ".join(["lowmem-alignprop", *map(shlex.quote, argv)])
+    env = os.environ.get(MODEL_ENV, "").strip()
+    with _unsaid():  # (config_from_args said what parsing them has to say)
+        named = args.model is not None or "model" in parse_set(args.set) or "model" in (as_read(profile) or {})
+    return line if resumed or named or not env else f"{MODEL_ENV}={shlex.quote(env)} {line}"
 
 
 @contextlib.contextmanager

@@ -257,6 +257,48 @@ def test_which_recorded_commands_name_a_relative_path(tmp_path, command, relativ
     assert has_relative_path(f"lowmem-alignprop {command}", tmp_path) is relative
 
 
+def test_a_model_the_environment_chose_is_in_the_recorded_command(tmp_path, monkeypatch):
+    """$LOWMEM_ALIGNPROP_MODEL chose the model (no --model): command.txt and the model card's command recorded the
+    line alone, which, run again where the variable is unset, trained the toy world. The line now starts with the
+    variable: run as written from another folder, it trains the same LoRA bit for bit; a resume's line (its run's
+    model) is as typed."""
+    import shlex
+
+    import torch
+
+    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.model_card import has_relative_path, training_command
+    from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
+    from lowmem_alignprop.settings.config import MODEL_ENV
+
+    args = [*LIGHT, "--steps", "1", "--output-dir", "run"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    monkeypatch.setenv(MODEL_ENV, "tiny")
+    monkeypatch.chdir(one)
+    assert main(args) == 0
+    [line] = (one / "run" / "command.txt").read_text().splitlines()
+    assert line == shlex.join([f"{MODEL_ENV}=tiny", "lowmem-alignprop", *args])
+    assert training_command(read_lora(str(one / "run" / "lora"))) == line
+    monkeypatch.delenv(MODEL_ENV)  # another shell: the line sets what it needs
+    monkeypatch.chdir(two)
+    words = shlex.split(line)
+    at = words.index("lowmem-alignprop")
+    for name, value in (w.split("=", 1) for w in words[:at]):  # the shell's assignments before the program
+        monkeypatch.setenv(name, value)
+    assert main(words[at + 1:]) == 0
+    a, b = (load_file(str(f / "run" / "lora" / LORA_WEIGHT_NAME)) for f in (one, two))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["--output-dir", "run", "--resume", "latest", "--steps", "2"]) == 0
+    assert (two / "run" / "command.txt").read_text().splitlines() == [
+        line, "lowmem-alignprop --output-dir run --resume latest --steps 2"]
+    # the variable's model is a path relative to the folder the line ran in when it names one there
+    (tmp_path / "here").mkdir()
+    assert has_relative_path(f"{MODEL_ENV}=here lowmem-alignprop --steps 2", tmp_path)
+    assert not has_relative_path(f"{MODEL_ENV}=tiny lowmem-alignprop --steps 2", tmp_path)
+
+
 def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_path, caplog):
     """lr_scheduler=cosine with 2 warmup steps: a run whose reward exits (sys.exit) in step 3, resumed, trains steps 3
     and 4 at the rates an uninterrupted run does (diffusers' schedule after 2 and 3 steps) to the same LoRA; a resume
@@ -736,8 +778,8 @@ def test_a_new_run_where_a_start_trained_nothing_records_only_its_own_command(tm
     (run / "config.yaml").write_text("steps: 2\n")  # a start stopped while the model loaded
     (run / "command.txt").write_text("lowmem-alignprop --reward typo\n")
     assert main([*FAST, "--output-dir", str(run), "--steps", "1"]) == 0
-    assert (run / "command.txt").read_text().splitlines() == [" ".join(
-        ["lowmem-alignprop", *FAST, "--output-dir", str(run), "--steps", "1"])]
+    assert (run / "command.txt").read_text().splitlines() == [" ".join(  # (the suite's $LOWMEM_ALIGNPROP_MODEL)
+        ["LOWMEM_ALIGNPROP_MODEL=tiny", "lowmem-alignprop", *FAST, "--output-dir", str(run), "--steps", "1"])]
 
 
 def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_path, monkeypatch, capsys):

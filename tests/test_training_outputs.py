@@ -1290,7 +1290,8 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 
     recorded = (full_run / "command.txt").read_text().splitlines()
-    assert recorded == ["lowmem-alignprop " + shlex.join([*RUN_ARGS, "--output-dir", str(full_run)])]
+    assert recorded == ["LOWMEM_ALIGNPROP_MODEL=tiny lowmem-alignprop " + shlex.join(  # (the suite's model)
+        [*RUN_ARGS, "--output-dir", str(full_run)])]
     kohya = list((full_run / "export" / "kohya").glob("*.safetensors"))
     assert len(kohya) == 1 and (full_run / "export" / "peft" / "adapter_model.safetensors").is_file()
     card = (full_run / "export" / "kohya" / "README.md").read_text()

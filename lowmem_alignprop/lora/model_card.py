@@ -19,7 +19,7 @@ from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.resume_rules import REPLACED
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
-from lowmem_alignprop.settings.config import HUB_PINS, describe_k, flag_value, set_flags
+from lowmem_alignprop.settings.config import HUB_PINS, MODEL_ENV, describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import describe_sizes, resolution_of, sizes_of
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
@@ -411,9 +411,11 @@ def has_relative_path(command: str, folder: Path) -> bool:
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     try:
-        words = shlex.split(command)[1:]
+        words = shlex.split(command)
     except ValueError:  # (unbalanced quotes: nothing is told)
         return False
+    env, _, model = words[0].partition("=") if words else ("", "", "")
+    words = ["--model", model, *words[2:]] if env == MODEL_ENV else words[1:]  # (the environment's model: cli's)
     for before, word in zip(["", *words], words):
         option, eq, value = word.partition("=") if word.startswith("--") else (before, "", word)
         if word.startswith("-") and not eq:
