@@ -203,7 +203,8 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
     """command.txt keeps each start's command as typed: `--output-dir run` names nothing without the folder it ran
     in. Each start's folder is recorded (summary.json's and each checkpoint's start_dirs, aligned with its lines), and
     the card puts `# in DIR` over each command with a relative path: a resume from one folder and one from another
-    show their own; the fixture's starts, absolute, none; a card for the hub, none (its paths go by name)."""
+    show their own; the fixture's starts, absolute, none; a card for the hub, none (its paths go by name). An export
+    named relative to another folder than the run's said nothing: it read as run where the last start was."""
     from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.lora.model_card import model_card
 
@@ -230,6 +231,12 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
         assert [line for line in made if line.startswith("# in ")] == [f"# in {d}" for d in dirs]
         assert made[:2 * len(dirs) + 2] == commands[:2] + [x for d, c in zip(dirs, commands[2:])
                                                            for x in (f"# in {d}", c)]
+    # an export of its own folder, named relative to it (here two/, not where the run started): `# in` it too
+    assert main(["export", "--lora", "../one/run/lora", "--format", "kohya", "--out", "relative"]) == 0
+    card = (two / "relative" / "README.md").read_text().splitlines()
+    made = card[card.index("```bash") + 1:card.index("```", card.index("```bash"))]
+    assert made[-2:] == ["# in " + str(two), "lowmem-alignprop export --lora ../one/run/lora --format kohya --out "
+                                             "relative"]
     pushed = model_card(read_lora(str(run / "lora")), "kohya", ["x.safetensors"], "lowmem-alignprop export",
                         home="you/lora")
     assert "# in " not in pushed and "--output-dir run --steps 7" in pushed

@@ -16,7 +16,7 @@ from lowmem_alignprop.lora.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_fam
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA_WEIGHT_NAME
-from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
+from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands, working_folder
 from lowmem_alignprop.run.resume_rules import REPLACED
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import HUB_PINS, MODEL_ENV, describe_k, flag_value, set_flags
@@ -549,6 +549,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines.append(launched)
     if train_cmd:
         lines.append(train_cmd)
+    if not home and (here := working_folder()) and has_relative_path(export_command, Path(here)):
+        lines.append(f"# in {here}")  # (the export's own folder: it may not be where the run started)
     lines += [export_command, "```", ""] + software_lines(info)
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
