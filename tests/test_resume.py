@@ -1339,19 +1339,23 @@ def test_a_resume_that_changes_how_prompts_are_encoded_is_a_change_of_the_traini
 
 
 def expected_software() -> dict:
-    """What a CPU run of FAST's settings records: importlib.metadata's versions (no optional library: adamw, sdpa)."""
+    """What a CPU run of FAST's settings records: importlib.metadata's versions (no optional library: adamw, sdpa),
+    and torch's thread count."""
     import importlib.metadata as md
     import platform
 
+    import torch
+
     return {"versions": {"lowmem-alignprop": md.version("lowmem_alignprop"), "python": platform.python_version(),
                          **{n: md.version(n) for n in ("torch", "diffusers", "transformers", "peft", "accelerate")}},
-            "device": "cpu"}
+            "device": "cpu", "threads": torch.get_num_threads()}
 
 
 def software_said(software: dict) -> str:
     """The card's words for ``software`` (model_card.software_lines)."""
     names = ", ".join(f"{'Python' if n == 'python' else n} {v}" for n, v in software["versions"].items())
-    return f"{names}, on {software['device']}"
+    n = software.get("threads")
+    return f"{names}, on {software['device']}" + (f" ({n} thread{'s' * (n != 1)})" if n is not None else "")
 
 
 def test_a_run_records_the_software_that_trained_it_and_its_card_lists_it(runs, tmp_path):
@@ -1378,7 +1382,7 @@ def test_a_resume_under_another_diffusers_says_so_and_records_it(runs, tmp_path,
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     now = expected_software()
-    old = {"versions": {**now["versions"], "diffusers": "0.39.0"}, "device": "cpu"}
+    old = {**now, "versions": {**now["versions"], "diffusers": "0.39.0"}}
     edit_states(run, lambda state: state.update(software=[{"step": 1, **old}]))
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
@@ -1402,6 +1406,31 @@ def test_a_resume_under_another_diffusers_says_so_and_records_it(runs, tmp_path,
         at = card.index("Trained with:", made)
         assert card[at:] == ["Trained with:", "", f"- steps 1-6: {software_said(old)}",
                              f"- step 7: {software_said(now)}"], lora  # (the card's last lines)
+
+
+def test_a_resume_under_another_cpu_thread_count_says_so_and_records_it(runs, tmp_path, caplog):
+    """On the CPU torch's thread count (OMP_NUM_THREADS) sums in another order: the same run under 1 and 2 threads
+    differs in the last digits of its weights, and nothing recorded the count. Each stretch records it now; a
+    resume under another is said and recorded as a resume change, as a library's version is."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    was = expected_software()
+    other = 2 if was["threads"] == 1 else 1
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        try:
+            torch.set_num_threads(other)
+            assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+        finally:
+            torch.set_num_threads(was["threads"])
+    assert [r.getMessage() for r in caplog.records if "other software" in r.getMessage()] == [
+        f"resume: the checkpoint was trained under other software (threads {was['threads']} -> {other}): from step 7 "
+        "the run goes on under this machine's, and its images and losses may differ in the last digits from a run "
+        "under one (recorded as a resume change)"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["software"] == [{"step": 1, **was}, {"step": 7, **was, "threads": other}]
+    assert summary["resume_changes"] == [{"step": 7, "changes": {"threads": [was["threads"], other]}}]
 
 
 def test_a_checkpoint_from_before_the_record_resumes_without_a_word(runs, tmp_path, caplog):

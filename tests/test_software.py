@@ -5,6 +5,8 @@ import dataclasses
 import importlib.metadata as md
 import platform
 
+import torch
+
 from lowmem_alignprop.lora.model_card import resume_change, software_lines
 from lowmem_alignprop.measure import provenance
 from lowmem_alignprop.run import software
@@ -23,7 +25,7 @@ def test_a_run_records_the_optional_libraries_it_uses_and_no_others():
     now = software.software(cfg, "cpu")
     assert now == {"versions": {"lowmem-alignprop": md.version("lowmem_alignprop"),
                                 "python": platform.python_version(), **{n: md.version(n) for n in CORE}},
-                   "device": "cpu"}
+                   "device": "cpu", "threads": torch.get_num_threads()}  # (on the CPU: the sums' order)
     assert provenance.library_versions is software.library_versions  # one rule for plans, benchmarks and runs
 
 
@@ -38,6 +40,14 @@ def test_a_resume_changes_the_versions_both_records_name_and_the_device():
     assert software.stretches_at(stretches, was, 5) == stretches  # the same software: no new stretch
     assert software.stretches_at(None, now, 5) == [{"step": 5, **now}]  # a checkpoint from before the record
     assert software.stretches_at([*stretches, "damaged", {"no": "step"}], None, 5) == stretches  # (no step trained)
+    # on the CPU, torch's thread count (the sums' order) where both record it
+    cpu = {"versions": {"torch": "2.10.0"}, "device": "cpu", "threads": 1}
+    assert software.software_changes([{"step": 1, **cpu}], {**cpu, "threads": 2}) == {"threads": [1, 2]}
+    assert software.software_changes([{"step": 1, "versions": cpu["versions"], "device": "cpu"}],
+                                     {**cpu, "threads": 2}) == {}  # (a record from before the count)
+    assert software_lines({"software": [{"step": 1, **cpu}], "steps": 2}) == [
+        "Trained with torch 2.10.0, on cpu (1 thread).", ""]
+    assert resume_change("threads", [1, 2], None) == "threads 2 (was 1)"
     assert software.software_line({"diffusers": ["0.40.0", "0.41.0"], "device": ["cpu", "NVIDIA L4"]}, 5) == (
         "resume: the checkpoint was trained under other software (diffusers 0.40.0 -> 0.41.0, device cpu -> NVIDIA "
         "L4): from step 5 the run goes on under this machine's, and its images and losses may differ in the last "

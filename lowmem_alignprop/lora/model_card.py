@@ -638,7 +638,9 @@ def software_lines(info: dict[str, Any]) -> list[str]:
 
     def said(s: dict) -> str:
         names = ", ".join(f"{_software_name(n)} {v}" for n, v in s["versions"].items() if v)
-        return f"{names}, on {s.get('device') or 'an unrecorded device'}"
+        n = s.get("threads")
+        threads = f" ({n} thread{'s' * (n != 1)})" if isinstance(n, int) else ""
+        return f"{names}, on {s.get('device') or 'an unrecorded device'}{threads}"
 
     if len(stretches) == 1 and stretches[0]["step"] <= 1:
         return [f"Trained with {said(stretches[0])}.", ""]

@@ -1,8 +1,8 @@
 """Which software trained a run: the versions of lowmem-alignprop, Python and the libraries its numbers depend on
 (:func:`library_versions`, which measure/provenance.py's benchmark and plan records use too) and the device, kept in
 summary.json and each checkpoint as stretches of steps (``software``: ``[{"step": first step, "versions": {...},
-"device": ...}]``, one more from a resume under other versions or on another device), and a resume's change of them
-(:func:`software_changes`, said in one line: :func:`software_line`)."""
+"device": ...}]``, on the CPU with ``threads``; one more from a resume under other versions, on another device or
+thread count), and a resume's change of them (:func:`software_changes`, said in one line: :func:`software_line`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ OURS = "lowmem-alignprop"
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed")
 CORE_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # every run's (and plan --json's)
 # the names a resume change of the software goes by (beside the config's fields and "processes")
-SOFTWARE_NAMES = frozenset((OURS, "python", *LIBRARIES, "device"))
+SOFTWARE_NAMES = frozenset((OURS, "python", *LIBRARIES, "device", "threads"))
 
 
 def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
@@ -52,15 +52,19 @@ def device_name(device: torch.device | str) -> str:
 
 def software(cfg, device: torch.device | str) -> dict[str, Any]:
     """What trains now: ``versions`` (lowmem-alignprop, Python, :func:`libraries_used`; None: not installed) and
-    ``device`` (:func:`device_name`)."""
+    ``device`` (:func:`device_name`); on the CPU ``threads``, torch's (OMP_NUM_THREADS): another count sums in
+    another order, and the weights differ in the last digits."""
     versions = library_versions((OURS, *libraries_used(cfg)))
-    return {"versions": {OURS: versions.pop(OURS), **versions}, "device": device_name(device)}
+    name = device_name(device)
+    return {"versions": {OURS: versions.pop(OURS), **versions}, "device": name,
+            **({"threads": torch.get_num_threads()} if name == "cpu" else {})}
 
 
 def software_changes(stretches: list[dict] | None, now: dict[str, Any]) -> dict[str, list]:
     """What ``now`` (:func:`software`) changes of the last stretch a checkpoint recorded: ``{name: [was, now]}``
     for each version both name (a library used by only one of them, e.g. bitsandbytes for one optimizer, is none)
-    and the device; empty for a checkpoint without the record (written before it was kept)."""
+    and the device (the CPU's thread count where both record it); empty for a checkpoint without the record (written
+    before it was kept)."""
     last = stretches[-1] if stretches and isinstance(stretches[-1], dict) else None
     if last is None:
         return {}
@@ -68,6 +72,8 @@ def software_changes(stretches: list[dict] | None, now: dict[str, Any]) -> dict[
     changes = {n: [was[n], v] for n, v in now["versions"].items() if n in was and was[n] != v}
     if last.get("device") not in (None, now["device"]):
         changes["device"] = [last["device"], now["device"]]
+    elif None not in (last.get("threads"), now.get("threads")) and last["threads"] != now["threads"]:
+        changes["threads"] = [last["threads"], now["threads"]]
     return changes
 
 
