@@ -67,9 +67,18 @@ def test_resolution_takes_several_sizes_as_a_list_or_comma_separated(tmp_path):
 def test_set_takes_the_sizes_as_a_yaml_list_too():
     """--set resolution=[64, 64x32] (a profile's YAML list written on the command line) is the comma list; [64] is
     64; it was refused naming '[64' as not an image size."""
+    from lowmem_alignprop.settings.errors import UserError
+
     assert Config(**parse_set(["resolution=[64, 64x32,32x64]"])).validate().resolution == [64, "64x32", "32x64"]
     assert Config(**parse_set(["resolution=[64]"])).validate().resolution == 64
     assert Config(**parse_set(["resolution= [ 64x32 ] "])).validate().resolution == "64x32"
+    # its items quoted, as YAML and JSON write strings (a list copied from Python, --set 'resolution=[64, "64x32"]'):
+    # the same list; it was refused naming ' "64x32"' as not an image size
+    assert Config(**parse_set(['resolution=[64, "64x32"]'])).validate().resolution == [64, "64x32"]
+    assert Config(**parse_set(["resolution=['64', '32x64']"])).validate().resolution == [64, "32x64"]
+    assert Config(**parse_set(['resolution=["64x32"]'])).validate().resolution == "64x32"
+    with pytest.raises(UserError, match=r"""^resolution=' "64x32' is not an image size"""):  # (unbalanced: as given)
+        parse_set(['resolution=[64, "64x32]'])
 
 
 def test_one_size_is_kept_as_one_size_and_each_step_is_at_it():

@@ -42,7 +42,7 @@ def parse_sizes(value: Any) -> int | str | list[int | str]:
     the order given; a list of one size -> that size, as a single size is kept. An empty item, a size given twice
     or more than :data:`MOST_SIZES`: one line."""
     if isinstance(value, str) and (text := value.strip()).startswith("[") and text.endswith("]"):
-        items: Any = text[1:-1].split(",")  # a YAML list given to --set: resolution=[1024, 1216x832]
+        items: Any = [_unquoted(v) for v in text[1:-1].split(",")]  # a YAML list to --set: [1024, "1216x832"]
         if len(items) == 1 and items[0].strip():
             return parse_resolution(items[0])
     elif isinstance(value, str) and "," in value:
@@ -64,6 +64,12 @@ def parse_sizes(value: Any) -> int | str | list[int | str]:
         raise UserError(f"resolution={shown} gives the size {twice} twice: give each size once (--set "
                         f"resolution={once})")
     return sizes if len(sizes) > 1 else sizes[0]
+
+
+def _unquoted(item: str) -> str:
+    """An item of a bracketed list as YAML and JSON read it: the text inside its quotes ("1216x832", '64')."""
+    text = item.strip()
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else item
 
 
 def size_values(resolution: Any) -> list[int | str]:
