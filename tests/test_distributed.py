@@ -23,6 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.run.distributed import build_folder, check_no_stale_build_lock, deepspeed_config
@@ -465,6 +466,22 @@ def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps
     assert "steps 1-2 are saved in" in r.stderr, r.stderr[-3000:]
     assert ckpt.find_resume(out, "latest").name == "step-00000002"
     assert [row["step"] for row in strict_rows(out)] == [1, 2]
+
+
+def test_outputs_rank_0_cannot_write_stop_every_process_with_one_line_each(tmp_path, tiny_dir, monkeypatch):
+    """Rank 0 alone writes the LoRA and summary after the last step: its folder turned read-only there (test hook), it
+    said so, and rank 1, waiting at the barrier after them, died on the closed connection in a 40-line gloo traceback
+    (a fault walk met it). Now rank 1 hears of it: one line each, and the last step's checkpoint is kept."""
+    monkeypatch.setenv(atomic.INJECT_ENV, "summary.json:erofs")
+    r = _two_processes_with_reward(tmp_path, "def reward(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n",
+                                   "--steps", "1")
+    saved = tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert f"error: could not write {tmp_path / 'run' / 'summary.json'}: Read-only file system (test hook " \
+           f"{atomic.INJECT_ENV}); the trained weights are safe in checkpoint {saved}" in r.stderr, r.stderr[-3000:]
+    assert "error: [rank 1] another process's write of the LoRA, samples and summary failed (its own error line " \
+           "says why)" in r.stderr, r.stderr[-3000:]
+    assert "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ckpt.find_resume(tmp_path / "run", "latest") == saved
 
 
 @pytest.mark.slow  # a two-process launch (20-25 s of one worker): the held-out test above covers agreed_failure

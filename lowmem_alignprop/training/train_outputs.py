@@ -16,6 +16,7 @@ import torch
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
+from lowmem_alignprop.run.distributed import agreed_failure
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, LORA_BASE_FILE, LORA_DIR,
                                             SAMPLES_DIR, SUMMARY_FILE, trained_dir)
 from lowmem_alignprop.run.runfolder import first_last_rewards
@@ -88,16 +89,19 @@ class RunOutputs:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
                            best_measure=self.held_out.best,
                            best_kept=self.held_out.best_kept and self.held_out.best_step is not None)  # none: no best/
-        final = acc.unwrap_model(self.unet_train)
+        final, failed = acc.unwrap_model(self.unet_train), None
         try:
             with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
                 lora = self.final_weights(final)
                 after = self.sample_after()
             if self.is_main:
                 self.write_outputs(summary, final, lora, after)
-        except Exception as failed:  # a full disk (in the OS's, torch's or safetensors' words): what is safe, and
-            if (e := atomic.write_failure(failed, self.out)) is None:  # how to get the rest
-                raise
+        except Exception as e:
+            failed = e
+        # rank 0 writes alone: the others hear of its failure (they died in the next barrier, in a gloo traceback)
+        if (failed := agreed_failure(acc, failed, "write of the LoRA, samples and summary")) is not None:
+            if (e := atomic.write_failure(failed, self.out)) is None:  # a full disk (in the OS's, torch's or
+                raise failed  # safetensors' words): what is safe, and how to get the rest
             saved = self.checkpoint_dir(done)
             raise UserError(f"could not write {atomic.file_of(e)}: {atomic.describe(e)}; the trained weights are "
                             f"safe in checkpoint {saved} and no file was half-written: {atomic.write_fix(e)}, then "
@@ -112,9 +116,12 @@ class RunOutputs:
                         self.write_summary(summary)
                     except OSError as e:  # (a full disk: the summary without them stays whole)
                         log.warning("summary.json does not record the exports: %s", atomic.describe(e))
+            except Exception as e:
+                failed = e
             finally:  # last, whatever the exports did: the box is what the user reads
                 print_summary(summary, cfg, self.profile_name, exported)
-        acc.wait_for_everyone()
+        if (failed := agreed_failure(acc, failed, "export")) is not None:  # (the barrier the others wait at)
+            raise failed
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary
 
