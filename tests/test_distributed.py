@@ -171,6 +171,47 @@ def test_a_collective_that_lost_its_peer_is_told_in_the_backends_words():
     assert peer_lost(ValueError("Connection closed by peer")) is None  # (not a collective's)
 
 
+def test_a_process_killed_before_any_checkpoint_says_what_the_same_command_meets(tmp_path):
+    """kill -9 of rank 1 in step 2 of a run without --checkpoint-every: rank 0 said "no checkpoint was written yet, so
+    the run starts again", and the same command again was refused (the folder holds step 1's metrics.jsonl). Now its
+    line says what that command meets: run it again (nothing finished), or delete the folder first."""
+    import types
+
+    import torch
+
+    from lowmem_alignprop.run.runfolder import RunFolder
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.training.train import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("", encoding="utf-8")  # (a new run's, before its first step ends)
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6026. This is ...")
+    trainer = types.SimpleNamespace(cfg=Config(steps=4), out=out, last_saved=None, all_failed=False,
+                                    accelerator=types.SimpleNamespace(num_processes=2),
+                                    prof=types.SimpleNamespace(end_step=lambda aborted: None),
+                                    optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                    rng=types.SimpleNamespace(setstate=lambda state: None))
+    trainer.keep_steps = lambda last, **kw: Trainer.keep_steps(trainer, last, **kw)
+
+    def line(step: int) -> str:
+        with pytest.raises(UserError) as stopped:
+            Trainer.keep_finished_steps(trainer, gone, step, None)
+        return str(stopped.value)
+
+    ended = ("another process of the run ended (the launcher's report names it; Connection closed by peer "
+             "[127.0.0.1]:6026)")
+    assert line(1) == f"step 1: {ended}: no step had finished: run the same command again"
+    assert RunFolder(str(out)).check() is None  # (which it can)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    assert line(2) == (f"step 2: {ended}: no checkpoint was written yet, so the finished steps are lost "
+                       f"(--checkpoint-every N keeps them): delete {out} to start again there")
+    with pytest.raises(UserError, match="delete the folder to start again there"):
+        RunFolder(str(out)).check()
+    trainer.last_saved = 3
+    assert line(5) == f"step 5: {ended}: --resume latest continues from step 3's checkpoint"
+
+
 def test_each_processs_k_is_listed_in_its_images_order():
     """k_all gathered process by process ([r0 m0, r0 m1, r1 m0, r1 m1]) while rewards are gathered micro-batch by
     micro-batch ([m0 r0, m0 r1, m1 r0, m1 r1]): with uniform K each image was paired with another image's K."""

@@ -152,10 +152,12 @@ class LoopFaults:
         from lowmem_alignprop.run.distributed import peer_lost
 
         if self.accelerator.num_processes > 1 and (lost := peer_lost(e)):  # (a 40-line traceback of the backend's)
-            newest = self.last_saved
+            newest = self.last_saved  # without a checkpoint: what the same command again meets (RunFolder.check)
             raise UserError(f"step {step}: another process of the run ended (the launcher's report names it; {lost}): "
                             + (f"--resume latest continues from step {newest}'s checkpoint" if newest else
-                               "no checkpoint was written yet, so the run starts again")) from None
+                               "no step had finished: run the same command again" if ckpt.holds_a_run(self.out) is None
+                               else f"no checkpoint was written yet, so the finished steps are lost (--checkpoint-every"
+                               f" N keeps them): delete {self.out} to start again there")) from None
         if saved:
             log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
         raise e
