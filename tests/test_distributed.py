@@ -193,6 +193,7 @@ def test_a_process_killed_before_any_checkpoint_says_what_the_same_command_meets
                                     optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
                                     rng=types.SimpleNamespace(setstate=lambda state: None))
     trainer.keep_steps = lambda last, **kw: Trainer.keep_steps(trainer, last, **kw)
+    trainer.another_process_ended = lambda e, when: Trainer.another_process_ended(trainer, e, when)
 
     def line(step: int) -> str:
         with pytest.raises(UserError) as stopped:
@@ -210,6 +211,33 @@ def test_a_process_killed_before_any_checkpoint_says_what_the_same_command_meets
         RunFolder(str(out)).check()
     trainer.last_saved = 3
     assert line(5) == f"step 5: {ended}: --resume latest continues from step 3's checkpoint"
+
+
+def test_a_process_killed_while_a_checkpoint_is_written_is_one_line_naming_the_kept_one(tmp_path):
+    """kill -9 of rank 1 while rank 0 wrote step 4's checkpoint (rank 1 gone from its collectives): rank 0 died in a
+    40-line gloo traceback that named no checkpoint (a fault walk met it). Now one line, naming step 2's, kept."""
+    import types
+
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.training.train import Trainer
+
+    def write(step):
+        raise failure
+
+    trainer = types.SimpleNamespace(out=tmp_path, last_saved=2, accelerator=types.SimpleNamespace(num_processes=2),
+                                    stop=types.SimpleNamespace(writing=None), write_checkpoint=write)
+    trainer.another_process_ended = lambda e, when: Trainer.another_process_ended(trainer, e, when)
+    failure = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:36480: Connection reset by "
+                           "peer. This is typically caused by a remote worker hanging")
+    with pytest.raises(UserError) as stopped:
+        Trainer.save_checkpoint(trainer, 4)
+    assert str(stopped.value) == ("step 4's checkpoint: another process of the run ended (the launcher's report names "
+                                  "it; Read error [127.0.0.1]:36480: Connection reset by peer): --resume latest "
+                                  "continues from step 2's checkpoint")
+    assert trainer.last_saved == 2 and trainer.stop.writing == 4
+    failure = RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # (any other error: as it is)
+    with pytest.raises(RuntimeError, match="mat1"):
+        Trainer.save_checkpoint(trainer, 4)
 
 
 def test_each_processs_k_is_listed_in_its_images_order():

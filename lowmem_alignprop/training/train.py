@@ -832,7 +832,18 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
         self.stop.writing = step  # (an abort meanwhile cannot tell whether it was written whole)
-        path = ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
+        try:
+            path = self.write_checkpoint(step)
+        except RuntimeError as e:  # the others wait in its collectives: one of them killed
+            if (ended := self.another_process_ended(e, f"step {step}'s checkpoint")) is not None:
+                raise ended from None
+            raise
+        self.last_saved, self.stop.writing = step, None
+        return path
+
+    def write_checkpoint(self, step: int) -> Path:
+        """checkpoints/step-N, with what a resume needs beyond the weights (every process joins)."""
+        return ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "resume_changes": self.resumed_with,
@@ -851,5 +862,3 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},
                          write_extra=self.checkpoint_files)
-        self.last_saved, self.stop.writing = step, None
-        return path

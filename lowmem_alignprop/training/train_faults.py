@@ -149,18 +149,25 @@ class LoopFaults:
         if isinstance(e, OSError) and atomic.is_disk_full(e):
             raise UserError(f"step {step}: {atomic.describe(e)} (writing {atomic.file_of(e)}){kept or ''}; free "
                             "space in --output-dir, then --resume latest") from None
-        from lowmem_alignprop.run.distributed import peer_lost
-
-        if self.accelerator.num_processes > 1 and (lost := peer_lost(e)):  # (a 40-line traceback of the backend's)
-            newest = self.last_saved  # without a checkpoint: what the same command again meets (RunFolder.check)
-            raise UserError(f"step {step}: another process of the run ended (the launcher's report names it; {lost}): "
-                            + (f"--resume latest continues from step {newest}'s checkpoint" if newest else
-                               "no step had finished: run the same command again" if ckpt.holds_a_run(self.out) is None
-                               else f"no checkpoint was written yet, so the finished steps are lost (--checkpoint-every"
-                               f" N keeps them): delete {self.out} to start again there")) from None
+        if (ended := self.another_process_ended(e, f"step {step}")) is not None:
+            raise ended from None
         if saved:
             log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
         raise e
+
+    def another_process_ended(self, e: BaseException, when: str) -> UserError | None:
+        """The line for a collective that failed ``when`` because another process ended (kill -9, the host's OOM
+        killer: a 40-line traceback of the backend's), naming what is kept; None for any other error."""
+        from lowmem_alignprop.run.distributed import peer_lost
+
+        if self.accelerator.num_processes == 1 or (lost := peer_lost(e)) is None:
+            return None
+        newest = self.last_saved  # without a checkpoint: what the same command again meets (RunFolder.check)
+        return UserError(f"{when}: another process of the run ended (the launcher's report names it; {lost}): "
+                         + (f"--resume latest continues from step {newest}'s checkpoint" if newest else
+                            "no step had finished: run the same command again" if ckpt.holds_a_run(self.out) is None
+                            else f"no checkpoint was written yet, so the finished steps are lost (--checkpoint-every N"
+                            f" keeps them): delete {self.out} to start again there"))
 
     def metrics_unwritten(self, step: int, e: OSError) -> None:
         """metrics.jsonl could not take trained step ``step``'s line: the step goes into a checkpoint where the disk
