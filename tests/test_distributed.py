@@ -427,8 +427,16 @@ def test_the_launchers_deepspeed_flags_are_taken_said_in_its_terms_or_said_to_gi
                                         r"--offload_param_device out$"):
         adopt_launcher_deepspeed(Config())
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    cfg = Config()
-    assert adopt_launcher_deepspeed(cfg) == {"deepspeed_zero": 3, "offload": "params"}
+    said = "deepspeed: ZeRO-3 (offload params) from accelerate launch"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):  # rank 0 says it once for the run (each process said it)
+        monkeypatch.setenv("RANK", str(rank))
+        cfg = Config()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+            assert adopt_launcher_deepspeed(cfg) == {"deepspeed_zero": 3, "offload": "params"}
+        assert (said in caplog.text) == (rank == 0), caplog.text
+    monkeypatch.setenv("RANK", "0")
     assert (cfg.deepspeed_zero, cfg.offload) == (3, "params")
     own = Config(deepspeed_zero=2, offload="optimizer")
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):

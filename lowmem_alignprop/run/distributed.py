@@ -158,7 +158,8 @@ def adopt_launcher_deepspeed(cfg) -> dict[str, Any]:
                         "ZeRO-3's; launch with --zero_stage 3, or leave --offload_param_device out")
     cfg.deepspeed_zero, cfg.offload = stage, offload
     cfg.validate()
-    log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
+    if global_rank() == 0:  # (once for the run, not once per process)
+        log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
     return {"deepspeed_zero": stage, "offload": offload}
 
 
