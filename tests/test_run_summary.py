@@ -265,6 +265,12 @@ def test_the_box_gives_each_stretch_of_steps_its_process_count_after_a_resume_ch
     assert box_head(both, cfg, capsys) == (
         " AlignProp finished: 6 steps on cpu, step 1 x 2 processes, 8 images a step; 2-5 x 1 process, 8 images a "
         "step; 6 x 3 processes, 12 images a step" + tail)
+    one = Config(steps=4, reward="brightness", batch_size=1)  # a one-rank fault walk's resume: "1 images a step"
+    alone = multi_process_summary(tmp_path, processes=1, steps_done=4,
+                                  resume_changes=[{"step": 2, "changes": {"processes": [2, 1]}}])
+    assert box_head(alone, one, capsys) == (
+        " AlignProp finished: 4 steps on cpu, step 1 x 2 processes, 2 images a step; 2-4 x 1 process, 1 image a step"
+        f" (profile cpu, model {one.model})")
 
 
 def test_the_cards_processes_row_gives_each_stretch_the_images_it_averaged():

@@ -147,15 +147,16 @@ def processes_note(s: dict, cfg: Config, done: int) -> str:
     counts = trained_counts(s, done)  # (a stretch a resume began but trained no step of: none)
     ends = [first - 1 for first, _ in counts[1:]] + [done]
 
-    def images(first: int, n: int) -> int:
-        return images_per_step(s, first, n, {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+    def images(first: int, n: int) -> str:
+        count = images_per_step(s, first, n, {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+        return f"{count} image{'s' * (count != 1)} a step"  # (1: a resume on one process at batch 1)
 
     if len(counts) == 1:
         n = counts[0][1]
-        return f" x {n} processes, {images(1, n)} images a step" if n > 1 else ""
+        return f" x {n} processes, {images(1, n)}" if n > 1 else ""
     return ", " + "; ".join(
         ("" if i else "steps " if end > first else "step ") + (f"{first}-{end}" if end > first else f"{first}")
-        + f" x {n} process{'es' * (n != 1)}, {images(first, n)} images a step"
+        + f" x {n} process{'es' * (n != 1)}, {images(first, n)}"
         for i, ((first, n), end) in enumerate(zip(counts, ends)))
 
 
