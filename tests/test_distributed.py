@@ -545,6 +545,38 @@ def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps
     assert [row["step"] for row in strict_rows(out)] == [1, 2]
 
 
+RANK_0_METRICS_FAIL = """
+import errno, os
+from lowmem_alignprop.training import grid
+
+written = grid.write_metrics_line
+
+def refused(path, row):  # rank 0's disk turns read-only for step 2's line (rank 0 alone writes metrics.jsonl)
+    if row.get("step") == 2 and os.environ.get("RANK") == "0":
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return written(path, row)
+
+grid.write_metrics_line = refused
+
+def reward(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def test_a_metrics_line_rank_0_cannot_write_stops_every_process_with_the_step_kept(tmp_path, tiny_dir):
+    """metrics.jsonl refused step 2's line on rank 0 (a folder turned read-only): rank 0 stopped alone, without
+    saving (one process of several), and rank 1 died in its next collective with a gloo traceback (a fault walk met
+    it). Now every rank stops together, step 2 (trained) saved for --resume latest, one line each."""
+    r, out = _two_processes_with_reward(tmp_path, RANK_0_METRICS_FAIL, "--steps", "3"), tmp_path / "run"
+    saved = out / "checkpoints" / "step-00000002"
+    assert (f"error: step 2: could not write {out / 'metrics.jsonl'}: Read-only file system; steps 1-2 are saved in "
+            f"{saved}: --resume latest continues once you make --output-dir writable") in r.stderr, r.stderr[-3000:]
+    assert ("error: [rank 1] step 2: another process's write of metrics.jsonl failed (its own error line says why); "
+            f"steps 1-2 are saved in {saved}: --resume latest continues once it is fixed") in r.stderr, r.stderr[-3000:]
+    assert "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ckpt.find_resume(out, "latest") == saved
+
+
 def test_outputs_rank_0_cannot_write_stop_every_process_with_one_line_each(tmp_path, tiny_dir, monkeypatch):
     """Rank 0 alone writes the LoRA and summary after the last step: its folder turned read-only there (test hook), it
     said so, and rank 1, waiting at the barrier after them, died on the closed connection in a 40-line gloo traceback

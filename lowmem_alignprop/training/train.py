@@ -655,8 +655,6 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
 
     def record(self, step: int, done: StepOutcome) -> None:
         """The step's metrics line, progress bar and tracker; a NaN/inf step is skipped (too many in a row stop)."""
-        from lowmem_alignprop.training.grid import write_metrics_line
-
         cfg, prof, row, bad = self.cfg, self.prof, done.row, done.bad
         mem = prof.end_step()
         limit = self.time_limit  # (--max-minutes: when it ends this start, where that comes before the last step)
@@ -666,13 +664,9 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         if bad is not None:
             if mem["peak_allocated"] is not None:  # its memory is the run's too (on a CPU, the one measured step)
                 self.skipped_peaks.append(mem["peak_allocated"] / 2**30)
-            if self.is_main:
-                detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
-                try:
-                    write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
-                                                             **({"non_finite_grads": detail} if detail else {})})
-                except OSError as e:
-                    self.metrics_unwritten(step, e)
+            detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
+            self.write_step_metrics(step, {"step": step, "skipped": f"{bad} is NaN or infinite",
+                                           **({"non_finite_grads": detail} if detail else {})})
             if self.streak.bad(step, bad, say=self.is_main):  # every rank skips it; rank 0 says so
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path, self.accelerator.mixed_precision))
@@ -687,11 +681,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             self.time_left.evaluated(time.perf_counter() - t0, judging=True)  # counted apart, as the evaluations
         row.update(judged)
         self.history.append(row)
+        self.write_step_metrics(step, row)
         if self.is_main:
-            try:
-                write_metrics_line(self.folder.metrics, row)
-            except OSError as e:  # a disk gone read-only, full, a file-size limit: the step is trained all the same
-                self.metrics_unwritten(step, e)
             self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
             if cfg.log_every and step % cfg.log_every == 0:
                 size = f" ({resolution_of(row['width'], row['height'])} px)" if "width" in row else ""  # (several)

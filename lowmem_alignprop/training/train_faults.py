@@ -169,16 +169,34 @@ class LoopFaults:
                             else f"no checkpoint was written yet, so the finished steps are lost (--checkpoint-every N"
                             f" keeps them): delete {self.out} to start again there"))
 
-    def metrics_unwritten(self, step: int, e: OSError) -> None:
-        """metrics.jsonl could not take trained step ``step``'s line: the step goes into a checkpoint where the disk
-        still takes one (a resume writes metrics.jsonl again from its history), else that checkpoint's line says which
-        one is intact; raises one line."""
-        what = f"step {step}: could not write {atomic.file_of(e)}: {atomic.describe(e)}"
+    def write_step_metrics(self, step: int, row: dict) -> None:
+        """Rank 0 appends step ``step``'s line to metrics.jsonl; a failed write (a disk gone read-only, full, a
+        file-size limit: the step is trained all the same) stops every rank together (:meth:`metrics_unwritten`).
+        Under a launcher the others went on into their next collective alone and died there in a gloo traceback."""
+        from lowmem_alignprop.run.distributed import agreed_failure
+        from lowmem_alignprop.training.grid import write_metrics_line
+
+        failed = None
+        if self.is_main:
+            try:
+                write_metrics_line(self.folder.metrics, row)
+            except OSError as e:
+                failed = e
+        if (failed := agreed_failure(self.accelerator, failed, "write of metrics.jsonl")) is not None:
+            self.all_failed = True  # (every rank saves the trained steps together)
+            self.metrics_unwritten(step, failed)
+
+    def metrics_unwritten(self, step: int, e: BaseException) -> None:
+        """metrics.jsonl could not take trained step ``step``'s line (``e``: the OSError, or on the other ranks
+        AnotherProcessFailed): the step goes into a checkpoint where the disk still takes one (a resume writes
+        metrics.jsonl again from its history), else that checkpoint's line says which one is intact; raises one line."""
+        written = isinstance(e, OSError)  # (rank 0's own)
+        what = f"step {step}: " + (f"could not write {atomic.file_of(e)}: {atomic.describe(e)}" if written else str(e))
         try:
             _, kept = self.keep_steps(step, fix_first=False)
         except UserError as failed:  # the checkpoint failed too (a read-only disk): what is safe, and what to do
             raise UserError(f"{what}, and then {failed}") from None
-        raise UserError(f"{what}{kept} once you {atomic.write_fix(e)}") from None
+        raise UserError(f"{what}{kept} once " + (f"you {atomic.write_fix(e)}" if written else "it is fixed")) from None
 
     def render_or_skip(self, render: Callable, what: str, smaller: str):
         """``render()``, or None when it runs out of memory on the device or the host: the sample grid and the judged
