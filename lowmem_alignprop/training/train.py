@@ -304,8 +304,13 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             with run_objects_only():
                 self.setup()
                 with self.stop.installed():  # SIGINT/SIGTERM: stop requests from the first step to the LoRA written
-                    self.fit()
-                    return self.finish()
+                    try:
+                        self.fit()
+                        return self.finish()
+                    except RuntimeError as e:  # rank 0 stopped alone (a sample grid it could not write, a kill):
+                        if (ended := self.another_process_ended(e, f"step {self.step}")) is not None:  # the others
+                            raise ended from None  # died in their next collective, in a gloo traceback
+                        raise
         finally:  # a measured step left open by any exception (a reward's sys.exit included) would leave torch's
             if getattr(self, "prof", None) is not None:  # dispatch mode on and the collector off: a crash at exit
                 self.prof.close()
