@@ -490,16 +490,18 @@ def reward(images, prompts):
 """
 
 
-def _two_processes_with_reward(tmp_path, source: str, *args: str, peer_ends: bool = False
+def _two_processes_with_reward(tmp_path, source: str, *args: str, peer_ends: bool = False,
+                               launch: tuple[str, ...] = ("--multi_gpu",), timeout: int = 600
                                ) -> subprocess.CompletedProcess:
     """Two launched processes training with the reward ``source`` (module qa_rank.py, function reward) into RUN; it
     must fail, and no process may die on a closed connection (a gloo traceback: rank 0 in a collective alone;
-    ``peer_ends``: one process stops alone, and another's line may quote the closed connection, without a traceback)."""
+    ``peer_ends``: one process stops alone, and another's line may quote the closed connection, without a traceback).
+    ``launch``: the launcher's flags (DeepSpeed's); ``timeout``: how long it may take (a hang fails the test)."""
     (tmp_path / "qa_rank.py").write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+    r = subprocess.run([*LAUNCH, *launch, "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
                         "--reward", "qa_rank:reward", *args, "--output-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=600, env=env)
+                       capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode != 0
     assert peer_ends or "Connection closed" not in r.stderr, r.stderr[-3000:]
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
@@ -592,6 +594,43 @@ def test_a_sample_grid_rank_0_cannot_write_is_one_line_on_every_process(tmp_path
     assert f"(writing {grid}): no file was half-written; make {grid.parent} writable" in r.stderr, r.stderr[-3000:]
     assert "error: [rank 1] step 2: another process of the run ended (the launcher's report names it; " in r.stderr
     assert "--resume latest continues from step 1's checkpoint" in r.stderr, r.stderr[-3000:]
+
+
+RANK_0_DEEPSPEED_SAVE_FAILS = """
+import errno, os
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+saved = TorchCheckpointEngine.save
+
+def full(self, state_dict, path):  # rank 0's disk fills while DeepSpeed writes step 2's checkpoint
+    if "step-00000002" in str(path) and os.environ.get("RANK") == "0":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return saved(self, state_dict, path)
+
+TorchCheckpointEngine.save = full
+
+def reward(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@needs_deepspeed
+@pytest.mark.slow  # a two-process DeepSpeed launch (20 s; on a fresh machine its shm op builds first, 40 s)
+def test_a_deepspeed_checkpoint_one_process_cannot_write_stops_both_at_once(tmp_path, tiny_dir):
+    """ZeRO-2 on 2 processes, rank 0's write of step 2's checkpoint refused (a full disk): rank 0 waited for rank 1
+    to agree while rank 1 waited in the barrier DeepSpeed's save ends with, which rank 0 had skipped; both hung,
+    deaf to the launcher, to the backend's timeout (a fault walk met it). Now rank 0 stops at once, and rank 1 with
+    it, one line each; step 1's checkpoint is kept for --resume latest."""
+    started = time.monotonic()
+    r = _two_processes_with_reward(tmp_path, RANK_0_DEEPSPEED_SAVE_FAILS, "--steps", "3", "--checkpoint-every", "1",
+                                   peer_ends=True, launch=("--use_deepspeed", "--zero_stage", "2"), timeout=300)
+    took, out = time.monotonic() - started, tmp_path / "run" / "checkpoints"
+    assert (f"error: could not write checkpoint {out / 'step-00000002'}: the disk is full; nothing was half-written "
+            f"(the previous checkpoint {out / 'step-00000001'} is intact)") in r.stderr, r.stderr[-3000:]
+    assert ("error: [rank 1] step 2's checkpoint: another process of the run ended (the launcher's report names it; "
+            in r.stderr) and "continues from step 1's checkpoint" in r.stderr, r.stderr[-3000:]
+    assert "Unable to shutdown" not in r.stderr, f"the launcher had to kill a process ({took:.0f} s)"
+    assert ckpt.find_resume(tmp_path / "run", "latest") == out / "step-00000001"
 
 
 def test_outputs_rank_0_cannot_write_stop_every_process_with_one_line_each(tmp_path, tiny_dir, monkeypatch):

@@ -496,6 +496,10 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             error = atomic.write_failure(e, tmp)
             if error is None:
                 raise
+            if accelerator.num_processes > 1:  # DeepSpeed's save ends in a barrier (in C++) that this rank skipped:
+                # the others wait there, where no agreement of ours reaches them (both hung, to the backend's
+                # timeout); they stop once this process ends and its connections close (the next start removes tmp)
+                raise disk_error(error, final, previous, step) from None
     if is_main and error is None:
         state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes, "config": cfg.to_dict(),
                  "fingerprint": fp, "history": history, "rank_weight_sums": rank_sums, **(extra or {})}
