@@ -289,6 +289,10 @@ def test_the_cards_processes_row_gives_each_stretch_the_images_it_averaged():
     assert processes_row(unbegun) == ("2 (`accelerate launch --multi_gpu --num_processes 2`): 8 images per optimizer "
                                       "step")
     assert processes_row({"steps": 3, "processes": 1, "batch_size": 2}) is None
+    alone = {"steps": 4, "processes": 1, "batch_size": 1, "grad_accum": 1, "resume_changes": [
+        {"step": 3, "changes": {"processes": [2, 1]}}]}  # on one process at batch 1 (it said "1 images")
+    assert processes_row(alone) == ("2 from step 1 (2 images per optimizer step); 1 from step 3 (1 image per optimizer "
+                                    "step) (more than 1: under `accelerate launch --multi_gpu --num_processes N`)")
 
 
 def test_time_left_counts_the_renders_after_the_last_step(monkeypatch):

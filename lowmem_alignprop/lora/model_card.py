@@ -189,11 +189,15 @@ def processes_row(info: dict[str, Any]) -> str | None:
     counts = trained_counts(info, info.get("steps"))
     if not any(n > 1 for _, n in counts):
         return None
+
+    def images(step: int, n: int) -> str:
+        count = images_per_step(info, step, n, info)
+        return f"{count} image{'s' * (count != 1)} per optimizer step"  # (1: a resume on one process at batch 1)
+
     if len(counts) == 1:
         return (f"{counts[0][1]} (`accelerate launch --multi_gpu --num_processes {counts[0][1]}`): "
-                f"{images_per_step(info, 1, counts[0][1], info)} images per optimizer step")
-    return ("; ".join(f"{n} from step {step} ({images_per_step(info, step, n, info)} images per optimizer step)"
-                      for step, n in counts)
+                f"{images(1, counts[0][1])}")
+    return ("; ".join(f"{n} from step {step} ({images(step, n)})" for step, n in counts)
             + " (more than 1: under `accelerate launch --multi_gpu --num_processes N`)")
 
 
