@@ -256,7 +256,10 @@ class Config:
     sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch: lowers the decode and "
                              "backward peaks when the VAE is checkpointed (batch_size > 1; without VAE checkpointing "
                              "every image's decoder activations are kept for backward either way).")
-    tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images).")
+    tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images). "
+                            "Approximate, unlike the other memory features: the VAE's GroupNorm and mid-block "
+                            "attention see one tile, not the image, so images and LoRA gradients differ a little "
+                            "everywhere and most at the seams (docs/design.md section 3).")
     tile_size: int = _f(64, "Latent tile side for tiled_decode.")
     tile_overlap: int = _f(16, "Latent tile overlap for tiled_decode.")
     cache_prompt_embeddings: bool = _f(False, "Encode every prompt once at start-up; the text encoder then leaves the GPU.")
