@@ -524,6 +524,27 @@ def test_compile_nograd_is_a_compiled_view_of_the_same_weights(tiny_dir):
     assert list(compiled.parameters())[0] is list(unet.parameters())[0]
 
 
+
+@pytest.mark.parametrize("name, blocks", [("sd3", ["JointTransformerBlock"] * 2),
+                                          ("flux", ["FluxTransformerBlock", "FluxSingleTransformerBlock"])])
+def test_compile_regional_compiles_each_repeated_block_of_the_flow_transformers(name, blocks, monkeypatch):
+    """SD3's transformer lists no repeated blocks in diffusers (compile_repeated_blocks raised after the model had
+    loaded): its joint blocks are compiled, as FLUX's listed ones; nothing else (torch's compile is recorded, not
+    run: inductor takes about a minute here, test_compiled_unet_gives_the_same_output runs it)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from lowmem_alignprop.models.loading import apply_speed_features
+
+    small = dict(in_channels=4, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                 pooled_projection_dim=16)
+    transformer = (SD3Transformer2DModel(**small, num_layers=2, caption_projection_dim=16, sample_size=8,
+                                         pos_embed_max_size=8) if name == "sd3" else
+                   FluxTransformer2DModel(**small, num_layers=1, num_single_layers=1, axes_dims_rope=(2, 2, 4)))
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    apply_speed_features(transformer, torch.nn.Identity(), Config(compile="regional").validate(), torch.device("cpu"))
+    assert compiled == blocks
+
 def _have_compiler() -> bool:
     import shutil
     return shutil.which("g++") is not None or shutil.which("c++") is not None

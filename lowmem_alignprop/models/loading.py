@@ -650,7 +650,11 @@ def apply_speed_features(unet, vae, cfg, device: torch.device) -> None:
         log.warning("tf32 uses NVIDIA tensor cores: off on %s (the run computes in full fp32)", device.type)
     if cfg.compile == "regional":
         # regional compilation: each repeated transformer block compiled in place (diffusers' _repeated_blocks),
-        # one compile reused by every block of the same shape, for no-grad, grad and recompute calls alike
+        # one compile reused by every block of the same shape, for no-grad, grad and recompute calls alike.
+        # diffusers lists none for SD3 (compile_repeated_blocks raised 'attribute is empty' after the model loaded):
+        # its joint blocks are the ones it repeats
+        if not getattr(unet, "_repeated_blocks", None) and hasattr(unet, "transformer_blocks"):
+            unet._repeated_blocks = sorted({type(b).__name__ for b in unet.transformer_blocks})
         unet.compile_repeated_blocks()
 
 
