@@ -84,7 +84,7 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
         out.append((f"block swap {n} of {total} blocks{was} (more pinned CPU memory and PCIe copies; the task "
                     "unchanged)", {"block_swap": n}))
     if not cfg.tiled_decode and decode_tiles(cfg, target):
-        out.append(("decode in overlapping tiles (approximate at the seams)",
+        out.append(("decode in overlapping tiles (approximate: most at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
     if cfg.batch_size > 1:
         b = cfg.batch_size // 2
