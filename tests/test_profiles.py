@@ -228,6 +228,19 @@ def test_user_profile_path_trains_and_is_recorded(tiny_dir, tmp_path):
     assert written["lr"] == Config().lr  # what the profile leaves out keeps the default
 
 
+def test_a_cpu_run_config_from_before_the_cpu_profiles_card_plans_for_the_cpu(tmp_path):
+    """A run on the cpu profile before it named its card (2026-12-05) recorded card '' in config.yaml: plan --profile
+    RUN/config.yaml planned it for a CUDA card ('target cuda', no seconds). It plans for the CPU, as a run today's
+    version records does; a GPU profile's run (whose profile names no card) keeps its ''."""
+    from lowmem_alignprop.measure.planner import default_target
+
+    for profile, card, target in (("cpu", "cpu", "cpu"), ("rtx3060", "", "cuda")):
+        record = {"profile": profile, **Config(card="").to_dict(), "output_dir": str(tmp_path / profile)}
+        name, values = load_profile(str(_write(tmp_path, yaml.safe_dump(record), f"{profile}.yaml")))
+        assert values["card"] == card
+        assert default_target(name, values["card"]) == target
+
+
 @pytest.mark.parametrize("text, needles", [
     ("budget_gb: 8\nsliced_decode: [true\n", ["not valid YAML at line", "fix the file"]),
     ("budget_gb: 8\nvae_checkpoint: blocks\n",

@@ -327,6 +327,8 @@ def load_profile(spec: str, model: str = "", components: str = "", revision: str
             values[key] = coerce(str(key), value)  # an unknown key names the closest field
         except UserError as e:
             raise UserError(f"profile {path}: {e}") from None
+    if run_config and data["profile"] == "cpu" and not values.get("card"):  # a cpu run before 2026-12-05 recorded
+        values["card"] = "cpu"  # card '' (the profile had none): it plans for the CPU it trained on, as today's does
     if detected is not None:
         values["budget_gb"] = card_budget(detected[1])
     elif spec not in shipped:
