@@ -1054,6 +1054,31 @@ def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_pat
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
 
 
+def test_a_prompt_file_an_older_run_recorded_relative_is_one_line_from_another_folder(runs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A run before 2026-12-05 recorded its prompt files as typed (prompts: p.txt), relative to the folder it started
+    in: its resume from another folder said only 'prompt file p.txt does not exist; give an existing text file ...',
+    naming neither the run's record nor the fix (the command named no prompt file). It names both."""
+    _, split, _ = runs
+    run, here = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(split, run)
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for key, flag in (("prompts", "--prompts PATH"), ("eval_prompts", "--set eval_prompts=PATH")):
+        old = {"prompts": "simple_animals", "eval_every": 1, key: "p.txt"}  # (eval_prompts is read by --eval-every)
+        edit_states(run, lambda state: state["config"].update(old))
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --resume latest: the run in {run} was trained with {key}=p.txt (its checkpoint's config), a path "
+            "relative to the folder its run started in (a run before 2026-12-05), not found from here: resume in that "
+            f"folder, or give the file from here with {flag}")
+        assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
+    edit_states(run, lambda state: state["config"].update(eval_prompts="", eval_every=0))
+    (here / "p.txt").write_text("a red cat\n")  # the run's file, in the folder it started in: the resume goes on
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
+
+
 def test_a_resume_under_another_number_of_processes_is_on_the_model_card(runs, tmp_path):
     """Steps 1-6 trained by 2 processes (accelerate launch), 7 by one (python -m): summary.json said `processes: 1`
     with no resume change, and the card had no processes row and quoted the first command as a plain one. The
