@@ -267,12 +267,13 @@ def _check_recorded_prompts(cfg: Config, recorded: dict, label: str) -> None:
     """A prompt file a run before 2026-12-05 recorded relative (to the folder it started in), not found from the
     folder a resume runs in: one line naming the run's setting and the fix. The prompt reader's own line named
     neither the run nor its record ('prompt file p.txt does not exist'), for a file the command did not name."""
+    from lowmem_alignprop.run.hub import PREFIX
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     for key, flag in (("prompts", "--prompts PATH"), ("eval_prompts", "--set eval_prompts=PATH")):
         value = getattr(cfg, key) if key == "prompts" or cfg.eval_every else ""  # (read by the evaluation alone)
         path = os.path.expanduser(value)
-        if value and value == recorded.get(key) and value not in PROMPT_SETS and not value.startswith("hf://") \
+        if value and value == recorded.get(key) and value not in PROMPT_SETS and not value.startswith(PREFIX) \
                 and not os.path.isabs(path) and not os.path.exists(path):
             raise UserError(f"{label} was trained with {key}={value} (its checkpoint's config), a path relative to "
                             "the folder its run started in (a run before 2026-12-05), not found from here: resume in "
