@@ -192,6 +192,12 @@ def test_fastest_names_the_time_as_given_as_a_multiple_of_the_fastests():
     assert "fastest that fits: 1.5 s per optimizer step (estimated), 6.00 GiB needed (75% of the budget)" in text
     assert "as given: 3 s per optimizer step, 9.00 GiB needed (does not fit); 2.00x the fastest's time" in text
     assert "as flags: --set vae_checkpointing=blocks" in text and "7 configurations estimated in 12 s" in text
+    assert "approximate" not in text
+    # the one approximate memory feature, when the search turns it on, is said under the flags (it was not)
+    tiled = format_fastest({**r, "set": {"tiled_decode": True, "sliced_decode": False}})
+    assert ("as flags: --set tiled_decode=true --set sliced_decode=false\n  tiled_decode is approximate: the VAE's "
+            "GroupNorm and mid-block attention see one tile, so the images and LoRA gradients differ a little, most at "
+            "the seams (docs/design.md section 3)\n") in tiled
 
 
 def test_the_memory_reports_share_is_of_the_budget():

@@ -275,6 +275,9 @@ def format_fastest(r: dict[str, Any]) -> str:
                      f"{given['needed'] / GIB:.2f} GiB needed "
                      f"({verdict}){speed}")
     lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
+    if r["set"].get("tiled_decode") is True:  # (the one approximate memory feature the search may choose)
+        lines.append("  tiled_decode is approximate: the VAE's GroupNorm and mid-block attention see one tile, so the "
+                     "images and LoRA gradients differ a little, most at the seams (docs/design.md section 3)")
     lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")  # its card: what it targets
     lines += ["    " + line for line in r["profile_yaml"].splitlines()]
     lines += ["", format_plan(r["plan"])]
