@@ -290,6 +290,30 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_auto_fit_says_when_its_choice_turns_tiled_decode_on(monkeypatch, capsys):
+    """--auto-fit's search may choose tiled_decode, the one approximate memory feature: said under its flags, as plan
+    --fastest says it (its own line said only the flags)."""
+    import dataclasses
+
+    from lowmem_alignprop.measure import fastest
+    from lowmem_alignprop.settings import profiles
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.training.train import search_before_first_step
+
+    cfg = Config(model="tiny", budget_gb=8.0)
+    record = {"flags": "--set tiled_decode=true", "seconds_per_step": 1.0, "timed_as": "rtx3060-8gb",
+              "given_seconds_per_step": 2.0, "given_fits": False, "needed_gb": 7.0}
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 3060", 8.0))
+    for tiled in (True, False):
+        chosen = dataclasses.replace(cfg, tiled_decode=tiled)
+        monkeypatch.setattr(fastest, "before_first_step", lambda *a, chosen=chosen, **k: (chosen, dict(record)))
+        assert search_before_first_step(cfg, "rtx3060")[0] is chosen
+        said = [line for line in capsys.readouterr().out.splitlines() if "approximate" in line]
+        assert said == (["auto-fit: tiled_decode is approximate: the VAE's GroupNorm and mid-block attention see one "
+                         "tile, so the images and LoRA gradients differ a little, most at the seams (docs/design.md "
+                         "section 3)"] if tiled else [])
+
+
 def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny_dir, caplog):
     import logging
 

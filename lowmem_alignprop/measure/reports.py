@@ -250,6 +250,11 @@ def fmt_duration(sec: float) -> str:
     return f"{sec / 86400:.1f} days"
 
 
+# what plan --fastest and --auto-fit say when their search turns tiled_decode on
+TILED_APPROXIMATE = ("tiled_decode is approximate: the VAE's GroupNorm and mid-block attention see one tile, so the "
+                     "images and LoRA gradients differ a little, most at the seams (docs/design.md section 3)")
+
+
 def format_fastest(r: dict[str, Any]) -> str:
     """plan --fastest's answer: the quickest configuration that fits, as flags and a profile, then its plan."""
     given, found = r["given"], r["found"]
@@ -276,8 +281,7 @@ def format_fastest(r: dict[str, Any]) -> str:
                      f"({verdict}){speed}")
     lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
     if r["set"].get("tiled_decode") is True:  # (the one approximate memory feature the search may choose)
-        lines.append("  tiled_decode is approximate: the VAE's GroupNorm and mid-block attention see one tile, so the "
-                     "images and LoRA gradients differ a little, most at the seams (docs/design.md section 3)")
+        lines.append(f"  {TILED_APPROXIMATE}")
     lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")  # its card: what it targets
     lines += ["    " + line for line in r["profile_yaml"].splitlines()]
     lines += ["", format_plan(r["plan"])]

@@ -157,6 +157,9 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
           f"given: {fmt_seconds(record['given_seconds_per_step'])} s, "
           f"{'fits' if record['given_fits'] else 'does not fit'}), "
           f"{record['needed_gb']:.2f} GiB needed of {cfg.budget_gb:g}", flush=True)
+    if chosen.tiled_decode and not cfg.tiled_decode:  # (the one approximate memory feature: said, as plan says it)
+        from lowmem_alignprop.measure.reports import TILED_APPROXIMATE
+        print(f"auto-fit: {TILED_APPROXIMATE}", flush=True)
     return chosen, record
 
 
