@@ -357,7 +357,7 @@ def unjudged_note(cfg, prompts: Sequence[str]) -> str | None:
     """fidelity_every, or a fidelity_images other than its default, set for a run outside the toy world (it judged
     nothing, unsaid); None when neither is."""
     given = [f"fidelity_every={cfg.fidelity_every}"] if cfg.fidelity_every else []
-    if cfg.fidelity_images not in (0, type(cfg).__dataclass_fields__["fidelity_images"].default):  # (32: every run's)
+    if cfg.fidelity_images not in (0, type(cfg).fidelity_images):  # (the field's default, 32: every run's)
         given.append(f"fidelity_images={cfg.fidelity_images}")
     if not given or applies(cfg.model, prompts):
         return None
