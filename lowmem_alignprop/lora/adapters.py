@@ -90,6 +90,8 @@ def check_adapters_fit_meta_model(cfg, specs: list[LoraSpec], default: str = "")
     from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.family import family_for
 
+    if all(s.family == "transformer" for s in specs):  # (a flow model's, which check_lora_files matched already:
+        return  # its meta copy, 12B for FLUX.1, is not built for nothing)
     try:
         comps = meta_components(cfg, torch.float32)
     except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
