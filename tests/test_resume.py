@@ -1,6 +1,7 @@
 """Checkpoints and resume on the tiny model: 6 steps == 3 steps + 3 resumed; atomic writes; Ctrl-C."""
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -367,6 +368,14 @@ def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path,
     assert main([*args, "--steps", "2"]) == 0
     assert main([*args, "--steps", "3", "--resume", "latest"]) == 0  # unchanged: nothing said
     assert not [r for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    # which version of the file trained: the summary and the card give `sha256sum mine.py`'s first 16 digits
+    first = hashlib.sha256(reward.read_bytes()).hexdigest()[:16]
+    assert json.loads((run / "summary.json").read_text())["reward_sha"] == first
+    from lowmem_alignprop.lora import lora_files
+    from lowmem_alignprop.lora.model_card import model_card
+    card = model_card(lora_files.read_lora(str(run / "lora")), "diffusers", [], "lowmem-alignprop export")
+    assert f"| reward | {reward}:score, source sha256 {first}... |" in card
+    assert lora_files.read_lora(str(ckpt.find_resume(run, "latest"))).summary["reward_sha"] == first  # a checkpoint's
     reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
     for name in [n for n in sys.modules if n.startswith("lowmem_alignprop_user_reward_mine_")]:
         del sys.modules[name]  # (a process loads a reward file once: the next command's process reads it again)
@@ -380,6 +389,8 @@ def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path,
     assert min(r["eval_reward"] for r in rows[:3]) > 10 > max(r["eval_reward"] for r in rows[3:])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 4 and summary["reward_first"] < 10 and summary["best_step"] >= 4
+    assert summary["reward_sha"] == hashlib.sha256(reward.read_bytes()).hexdigest()[:16] != first
+    assert summary["resume_changes"][-1]["changes"]["reward_source"] == [first, summary["reward_sha"]]
 
 
 def test_a_resume_whose_evaluation_measures_otherwise_says_the_early_stop_it_cannot_make(tmp_path, tiny_dir, caplog):

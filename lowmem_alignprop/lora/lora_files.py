@@ -320,7 +320,8 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     lora.starts = state.get("starts")  # (none in checkpoints written before it was recorded)
     history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
     lora.summary = {"steps": lora.step, "steps_done": lora.step,
-                    **{k: state[k] for k in ("resume_changes", "t5_tokens", "software", "start_dirs") if state.get(k)}}
+                    **{k: state[k] for k in ("resume_changes", "t5_tokens", "software", "start_dirs", "reward_sha")
+                       if state.get(k)}}
     if history:  # as the trainer's summary compares them
         from lowmem_alignprop.run.runfolder import first_last_rewards
         since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps it scored

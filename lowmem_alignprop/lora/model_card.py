@@ -52,7 +52,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
                 "reward_since_step", "reward_steps", "reward_window", "early_stopped_at", "best_step", "processes",
-                "auto_fit", "resume_changes", "t5_tokens", "best_evaluation", "software"):
+                "auto_fit", "resume_changes", "t5_tokens", "best_evaluation", "software", "reward_sha"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     limit = s.get("time_limit")  # --max-minutes stopped it: the limit, the step, of how many
@@ -463,6 +463,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
     reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
               "made)" if since else said("reward", info.get("reward")))
+    if isinstance(info.get("reward_sha"), str):  # which version of a reward file: `sha256sum` of it begins so
+        reward = f"{reward}, source sha256 {info['reward_sha']}..."
     pins = hub_pins(lora)  # the commits the run's hub parts came from: the rows and the code load them
     rows = [("base model", base_row(lora, into, names)), *part_rows(lora, pins, names),
             ("reward", reward),

@@ -59,7 +59,7 @@ class RunOutputs:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``profile_name``, ``point``,
     ``start``, ``step``, ``refinish``, ``history``, ``skipped_peaks``, ``streak``, ``fits``, ``resumed_with``,
-    ``software``, ``start_dirs``, ``reward_since``, ``prompts_since``, ``held_out``, ``stop``, ``before``,
+    ``software``, ``start_dirs``, ``reward_sha``, ``reward_since``, ``prompts_since``, ``held_out``, ``stop``, ``before``,
     ``grid_of``, ``last_update``, ``sample_prompts``, ``judge_prompts``, ``fidelity_before``, ``unet_train``,
     ``family``, ``comps``, ``fingerprint``, ``gather``, ``prof``, ``attention``, ``allocator``, ``host_allocator``,
     ``time_limit`` and its methods ``output_weights``, ``render_or_skip``, ``render_samples``, ``judge``,
@@ -81,6 +81,7 @@ class RunOutputs:
                    "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
                    "software": self.software,  # which steps trained under which versions and device
                    "start_dirs": self.start_dirs,  # the working folder of each start (command.txt's lines)
+                   "reward_sha": self.reward_sha,  # your reward file's source, as trained with (null: built-in)
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
                       if cfg.reward_cap is not None else {}),  # steps with every image at the cap: no update
