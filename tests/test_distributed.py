@@ -499,8 +499,11 @@ def _two_processes_with_reward(tmp_path, source: str, *args: str, peer_ends: boo
     ``launch``: the launcher's flags (DeepSpeed's); ``timeout``: how long it may take (a hang fails the test)."""
     (tmp_path / "qa_rank.py").write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    # (fidelity_images=0: rank 0's judging of the toy world's images before and after, 2-4 s of each launch while the
+    # other waits, is not what these test; the data-parallel run's launch judges them)
     r = subprocess.run([*LAUNCH, *launch, "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
-                        "--reward", "qa_rank:reward", *args, "--output-dir", str(tmp_path / "run")],
+                        "--set", "fidelity_images=0", "--reward", "qa_rank:reward", *args,
+                        "--output-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode != 0
     assert peer_ends or "Connection closed" not in r.stderr, r.stderr[-3000:]
