@@ -28,7 +28,9 @@ FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set",
         "--set", "batch_size=1", "--set", "grad_accum=2", "--set", "truncation=uniform", "--set", "k_min=1",
         "--set", "k_max=2", "--set", "lr=0.01"]
 # FAST with one micro-batch a step (half the rollouts): for the tests whose point is not what gradient accumulation
-# carries across a resume (the runs fixture and the shuffled-pass test keep FAST's two)
+# carries across a resume (the runs fixture and the shuffled-pass test keep FAST's two, and so do the signal tests,
+# whose signal comes in a step's first micro-batch while the step must finish its second, and the prompt-file test,
+# whose summary compares rows that each hold both prompts)
 LIGHT = [a.replace("grad_accum=2", "grad_accum=1") for a in FAST]
 
 
@@ -88,7 +90,7 @@ def test_a_resume_that_renders_no_after_samples_does_not_pass_off_the_earlier_gr
     none: the grid stayed, and the export's card showed it as step 2's "before and after training". Now said, in
     summary.json (samples_stale: the step it shows) and left out of the card."""
     run = tmp_path / "run"
-    one = [a.replace("sample_prompts=0", "sample_prompts=1") for a in FAST]
+    one = [a.replace("sample_prompts=0", "sample_prompts=1") for a in LIGHT]
     assert main([*one, "--output-dir", str(run), "--steps", "1"]) == 0
     assert json.loads((run / "samples" / "before_after.json").read_text())["step"] == 1
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
@@ -490,7 +492,7 @@ def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_ano
     (work / "toy").mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(work)
-    assert main([*FAST, "--model", "mid", "--prompts", "p.txt", "--reward", "r.py:score", "--output-dir", "run",
+    assert main([*LIGHT, "--model", "mid", "--prompts", "p.txt", "--reward", "r.py:score", "--output-dir", "run",
                  "--steps", "1"]) == 0
     run = work / "run"
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -601,7 +603,7 @@ def test_a_resume_whose_prompt_file_is_gone_names_the_runs_record_of_it(tmp_path
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cube\na blue ball\n")
     run = tmp_path / "run"
-    assert main([*FAST, "--output-dir", str(run), "--steps", "1", "--prompts", str(prompts)]) == 0
+    assert main([*LIGHT, "--output-dir", str(run), "--steps", "1", "--prompts", str(prompts)]) == 0
     prompts.unlink()
     before = sorted(p.name for p in run.rglob("*"))
     capsys.readouterr()
@@ -701,7 +703,7 @@ def test_a_ctrl_c_while_the_final_lora_is_written_says_so_and_the_run_ends_whole
         return save(self, *args, **kwargs)
     monkeypatch.setattr(train_mod.Trainer, "save_lora", save_lora)
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
-        assert main([*FAST, "--output-dir", str(out), "--steps", "2"]) == 0
+        assert main([*LIGHT, "--output-dir", str(out), "--steps", "2"]) == 0
     assert sent and "SIGINT received: training is over, the LoRA and summary are being written: a moment" in caplog.text
     assert "finishing this step" not in caplog.text
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
@@ -795,9 +797,9 @@ def test_a_new_run_where_a_start_trained_nothing_records_only_its_own_command(tm
     run.mkdir()
     (run / "config.yaml").write_text("steps: 2\n")  # a start stopped while the model loaded
     (run / "command.txt").write_text("lowmem-alignprop --reward typo\n")
-    assert main([*FAST, "--output-dir", str(run), "--steps", "1"]) == 0
+    assert main([*LIGHT, "--output-dir", str(run), "--steps", "1"]) == 0
     assert (run / "command.txt").read_text().splitlines() == [" ".join(  # (the suite's $LOWMEM_ALIGNPROP_MODEL)
-        ["LOWMEM_ALIGNPROP_MODEL=tiny", "lowmem-alignprop", *FAST, "--output-dir", str(run), "--steps", "1"])]
+        ["LOWMEM_ALIGNPROP_MODEL=tiny", "lowmem-alignprop", *LIGHT, "--output-dir", str(run), "--steps", "1"])]
 
 
 def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
