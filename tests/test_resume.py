@@ -1446,22 +1446,22 @@ def test_a_resume_under_another_diffusers_says_so_and_records_it(runs, tmp_path,
                              f"- step 7: {software_said(now)}"], lora  # (the card's last lines)
 
 
-def test_a_resume_under_another_cpu_thread_count_says_so_and_records_it(runs, tmp_path, caplog):
+def test_a_resume_under_another_cpu_thread_count_says_so_and_records_it(runs, tmp_path, caplog, monkeypatch):
     """On the CPU torch's thread count (OMP_NUM_THREADS) sums in another order: the same run under 1 and 2 threads
     differs in the last digits of its weights, and nothing recorded the count. Each stretch records it now; a
-    resume under another is said and recorded as a resume change, as a library's version is."""
+    resume under another is said and recorded as a resume change, as a library's version is. (torch reports the other
+    count while the step computes on the worker's own threads: two threads spinning beside the other pytest worker
+    made this one step several times slower; a record that read OMP_NUM_THREADS instead of torch's count would fail
+    here.)"""
     import torch
 
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     was = expected_software()
     other = 2 if was["threads"] == 1 else 1
-    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        try:
-            torch.set_num_threads(other)
-            assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
-        finally:
-            torch.set_num_threads(was["threads"])
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"), monkeypatch.context() as patched:
+        patched.setattr(torch, "get_num_threads", lambda: other)
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
     assert [r.getMessage() for r in caplog.records if "other software" in r.getMessage()] == [
         f"resume: the checkpoint was trained under other software (threads {was['threads']} -> {other}): from step 7 "
         "the run goes on under this machine's, and its images and losses may differ in the last digits from a run "
