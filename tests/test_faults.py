@@ -362,9 +362,10 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 
     monkeypatch.setattr(train_setup, "make_accelerator", fp16_accelerator)
     out = tmp_path / "run"
-    # two steps (fp16 on a CPU is slow): the first overflows, the second updates (the old bug raised there)
+    # two steps of two UNet calls (fp16 on a CPU is slow): the first overflows, the second updates (the old bug raised
+    # there)
     assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--set", "batch_size=1", "--set", "max_bad_steps=1",
-                 "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
+                 "--set", "sample_steps=2", "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
     got = rows(out)
     assert [r["step"] for r in got] == [1, 2] and all("skipped" not in r for r in got)
     assert got[0]["update_skipped"] and got[0]["grad_scale"] == 1024.0
