@@ -1499,7 +1499,7 @@ def test_config_yaml_records_the_profile_files_values_and_a_resume_tells_an_edit
     mine, run = tmp_path / "mine.yaml", tmp_path / "run"
     cpu = shipped_profiles()["cpu"].read_text(encoding="utf-8")
     mine.write_text(cpu.replace("\nlr: 0.003", "\nlr: 0.01"), encoding="utf-8")
-    sets = [a for a in FAST[2:] if a != "lr=0.01"][:-1] + ["--set", "lr=0.02", "--checkpoint-every", "1"]
+    sets = [a for a in LIGHT[2:] if a != "lr=0.01"][:-1] + ["--set", "lr=0.02", "--checkpoint-every", "1"]
     assert main(["--profile", str(mine), *sets, "--output-dir", str(run), "--steps", "1"]) == 0
     recorded = yaml.safe_load((run / "config.yaml").read_text())["profile_values"]
     assert (recorded["lr"], recorded["k_max"], len(recorded)) == (0.01, 10, 22)  # the file's 22 fields as written
