@@ -714,5 +714,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                 ha="center", va="center", color="gray")
     ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    # fixed margins that hold the longest stage name: tight_layout drew the whole figure once more to measure them
+    # (40% of the plot's time, which every run and test pays)
+    fig.subplots_adjust(left=0.2, right=0.97, top=0.92, bottom=0.12)
     fig.savefig(path, pil_kwargs={"compress_level": 1})  # a few KB larger, a third less time (every run writes it)
