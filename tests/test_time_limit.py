@@ -4,6 +4,7 @@ by what each patched step says it took."""
 
 import json
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,6 +240,29 @@ def test_under_a_launcher_every_rank_takes_rank_0s_decision(clock, monkeypatch):
     me.accelerator.num_processes = 1
     assert Trainer.out_of_time(me, 2, 0.0) is False and asked == [False]
     assert Trainer.out_of_time(me, 5, 0.0) is False  # the last step: the run ends anyway, nothing asked
+
+
+def test_under_a_launcher_a_limit_spent_before_the_first_step_is_rank_0s_line_alone(clock, monkeypatch, capsys):
+    """Rank 0's verdict that no step fits is every rank's, and so is its line: rank 0 prints it, and rank 1 leaves
+    it to rank 0 (each rank printed it, rank 1 as 'error: [rank 1] --max-minutes ...' in its own clock's numbers)."""
+    from lowmem_alignprop import cli
+    from lowmem_alignprop.run import disk_space, distributed
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.errors import UserError
+
+    monkeypatch.setattr(distributed, "rank_0_says", lambda accelerator, flag: True)  # rank 0: no room
+    monkeypatch.setattr(disk_space, "run_bytes", lambda cfg, params, start: SimpleNamespace(least=0))
+    me = SimpleNamespace(time_limit=TimeLimit(30, started=clock.now), cfg=Config(steps=5), refinish=None, point=None,
+                         params=[], start=0, accelerator=SimpleNamespace(num_processes=2))
+    clock.now += 60  # this rank: 1 + 1 of 30 minutes, room for a step
+    with pytest.raises(UserError) as refused:
+        Trainer.start_the_time_limit(me)
+    assert str(refused.value).startswith("--max-minutes 30 leaves no time to train: 1.0 min went to loading")
+    waited = []
+    monkeypatch.setattr(cli, "global_rank", lambda: 1)
+    monkeypatch.setattr(time, "sleep", waited.append)
+    assert cli._report(refused.value) == 2
+    assert waited == [cli.REPORT_WAIT_S]  # rank 1 waits for rank 0's line (the launcher stops it meanwhile)
 
 
 @pytest.mark.parametrize("seconds, said", [(0.14, "0.1 s"), (11.4, "11 s"), (59.9, "60 s"), (60, "1.0 min"),

@@ -762,8 +762,9 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                  for h in recorded if h.get("seconds") is not None]
         limit.slowest_step_s = time_limit.next_step_s(timed, step_pixels(self.cfg, self.start + 1))
         limit.end_bytes = disk_space.run_bytes(self.cfg, self.params, self.start).least
-        if limit_reached(limit, self.accelerator):
-            raise UserError(limit.no_room_message())
+        if limit_reached(limit, self.accelerator):  # rank 0's verdict, in its numbers: it alone says it (each rank
+            with same_on_every_rank():  # said it, rank 1 as '[rank 1] ...' with its own clock's)
+                raise UserError(limit.no_room_message())
         limit.begin_lap()
 
     def out_of_time(self, step: int, checkpoint_s: float) -> bool:
