@@ -209,7 +209,9 @@ def test_a_resumes_recorded_steps_count_until_it_has_timed_its_own(tmp_path, clo
 
 
 def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_path, clock, monkeypatch, capsys):
-    """Loading took 95 of --max-minutes 90 (the clock starts with the command): one line, no run folder."""
+    """Loading took 95 of --max-minutes 90 (the clock starts with the command): one line, no run folder. Its sample
+    image before training, rendered by then, is not kept (the folder was left with samples/before.safetensors, which
+    only a resume reads)."""
     original = Trainer.load_models
 
     def slow_load(self):
@@ -218,7 +220,7 @@ def test_a_limit_spent_before_the_first_step_is_one_line_and_writes_nothing(tmp_
 
     monkeypatch.setattr(Trainer, "load_models", slow_load)
     out = tmp_path / "run"
-    assert_refused(main, [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--max-minutes", "90"],
+    assert_refused(main, [*FAST, "--set", "sample_prompts=1", "--output-dir", str(out), "--max-minutes", "90"],
                    "--max-minutes 90 leaves no time to train: 95.0 min went to loading and the renders before the "
                    "first step, and the end's work takes about 1.0 min: give a larger --max-minutes, or 0 for no "
                    "limit", out, capsys)
@@ -253,7 +255,7 @@ def test_under_a_launcher_a_limit_spent_before_the_first_step_is_rank_0s_line_al
     monkeypatch.setattr(distributed, "rank_0_says", lambda accelerator, flag: True)  # rank 0: no room
     monkeypatch.setattr(disk_space, "run_bytes", lambda cfg, params, start: SimpleNamespace(least=0))
     me = SimpleNamespace(time_limit=TimeLimit(30, started=clock.now), cfg=Config(steps=5), refinish=None, point=None,
-                         params=[], start=0, accelerator=SimpleNamespace(num_processes=2))
+                         params=[], start=0, accelerator=SimpleNamespace(num_processes=2), is_main=False)
     clock.now += 60  # this rank: 1 + 1 of 30 minutes, room for a step
     with pytest.raises(UserError) as refused:
         Trainer.start_the_time_limit(me)

@@ -5,6 +5,7 @@ steps a 1024 px image under block swap), at every start."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,3 +85,12 @@ def write_before(path: Path, key: str, samples: tuple[torch.Tensor, torch.Tensor
             raise
         log.warning("the images before training were not kept for a resume (%s): it renders them again",
                     atomic.describe(failed))
+
+
+def forget_before(path: Path) -> None:
+    """A new run that stops before its first step (--max-minutes spent by loading and these renders): its kept images
+    go, with their folder where it holds nothing else, as nothing of such a run is kept (a run in the same folder
+    renders them again: only a resume reads them back)."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # (the folder holds something else)
+        path.parent.rmdir()
