@@ -242,12 +242,12 @@ def cmd_train(argv: list[str]) -> int:
         folder = RunFolder.for_command(output_dir, chosen=chosen, resume=args.resume)
         settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
+            _check_recorded_paths(args, settings[1], f"--resume {args.resume}: the run in {output_dir}")
             name, cfg = config_from_args(args, resumed=settings, recorded=folder.recorded_profile()[1])
             if cfg.model == settings[1].get("model"):  # its model, gone (or a Windows path): not "leave --model out"
                 from lowmem_alignprop.lora.lora_files import check_recorded_base
                 check_recorded_base(cfg.model, f"--resume {args.resume}: the run in {cfg.output_dir}",
                                     "its checkpoint's config")
-            _check_recorded_prompts(cfg, settings[1], f"--resume {args.resume}: the run in {cfg.output_dir}")
         elif refused is not None:
             raise refused
         snapshot = parse_snapshot(args.memory_snapshot)
@@ -263,21 +263,20 @@ def cmd_train(argv: list[str]) -> int:
                       command=_recorded_command(argv, args, name, bool(settings)), began=began)
 
 
-def _check_recorded_prompts(cfg: Config, recorded: dict, label: str) -> None:
-    """A prompt file a run before 2026-12-05 recorded relative (to the folder it started in), not found from the
-    folder a resume runs in: one line naming the run's setting and the fix. The prompt reader's own line named
-    neither the run nor its record ('prompt file p.txt does not exist'), for a file the command did not name."""
-    from lowmem_alignprop.run.hub import PREFIX
-    from lowmem_alignprop.step.prompts import PROMPT_SETS
+def _check_recorded_paths(args: argparse.Namespace, recorded: dict, label: str) -> None:
+    """A path a run before 2026-12-05 recorded relative (to the folder it started in: a prompt file, its VAE,
+    model_components, a reward file or reward weights), not found from the folder a resume runs in, that this command
+    does not give again: one line naming the run's setting and the fix. Each path's own check named neither the run
+    nor its record ('vae=vaedir does not exist', 'prompt file p.txt does not exist'), for a value the command did not
+    name."""
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS
+    from lowmem_alignprop.step.inputs import RECORDED_PATHS, missing_relative, relative_path_line
 
-    for key, flag in (("prompts", "--prompts PATH"), ("eval_prompts", "--set eval_prompts=PATH")):
-        value = getattr(cfg, key) if key == "prompts" or cfg.eval_every else ""  # (read by the evaluation alone)
-        path = os.path.expanduser(value)
-        if value and value == recorded.get(key) and value not in PROMPT_SETS and not value.startswith(PREFIX) \
-                and not os.path.isabs(path) and not os.path.exists(path):
-            raise UserError(f"{label} was trained with {key}={value} (its checkpoint's config), a path relative to "
-                            "the folder its run started in (a run before 2026-12-05), not found from here: resume in "
-                            f"that folder, or give the file from here with {flag}")
+    given = {**{f: v for f in FLAG_FIELDS if (v := getattr(args, f, None)) is not None}, **parse_set(args.set)}
+    evaluates = {**recorded, **given}.get("eval_every")  # (eval_prompts is read by the evaluation alone)
+    keys = tuple(k for k in RECORDED_PATHS if k not in given and (k != "eval_prompts" or evaluates))
+    if (found := missing_relative(recorded, keys)) is not None:
+        raise UserError(relative_path_line(label, recorded, found, "its checkpoint's config", "resume"))
 
 
 def _recorded_command(argv: list[str], args: argparse.Namespace, profile: str, resumed: bool) -> str:

@@ -1067,28 +1067,37 @@ def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_pat
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
 
 
-def test_a_prompt_file_an_older_run_recorded_relative_is_one_line_from_another_folder(runs, tmp_path, capsys,
-                                                                                      monkeypatch):
-    """A run before 2026-12-05 recorded its prompt files as typed (prompts: p.txt), relative to the folder it started
-    in: its resume from another folder said only 'prompt file p.txt does not exist; give an existing text file ...',
-    naming neither the run's record nor the fix (the command named no prompt file). It names both."""
+def test_a_path_an_older_run_recorded_relative_is_one_line_from_another_folder(runs, tmp_path, capsys, monkeypatch):
+    """A run before 2026-12-05 recorded its paths as typed (prompts: p.txt, vae: vaedir, reward: rw/r.py:score),
+    relative to the folder it started in: its resume from another folder said only 'prompt file p.txt does not exist;
+    give an existing text file ...', 'vae=vaedir does not exist: pass a diffusers VAE folder ...', 'reward
+    'rw/r.py:score': rw/r.py is not a file ...', naming neither the run's record nor the fix (the command named no
+    such path). It names both; a path given again by the command is not the run's."""
     _, split, _ = runs
     run, here = tmp_path / "run", tmp_path / "elsewhere"
     shutil.copytree(split, run)
     here.mkdir()
     monkeypatch.chdir(here)
-    for key, flag in (("prompts", "--prompts PATH"), ("eval_prompts", "--set eval_prompts=PATH")):
-        old = {"prompts": "simple_animals", "eval_every": 1, key: "p.txt"}  # (eval_prompts is read by --eval-every)
+    for key, value, fix in (("prompts", "p.txt", "--prompts PATH"),
+                            ("eval_prompts", "p.txt", "--set eval_prompts=PATH"), ("vae", "vaedir", "--set vae=PATH"),
+                            ("model_components", "parts", "--set model_components=PATH"),
+                            ("reward", "rw/r.py:score", "--reward PATH:score"),
+                            ("reward_weights", "aesthetic=h.pt,clip", "--set reward_weights=aesthetic=PATH,clip")):
+        old = {"prompts": "simple_animals", "eval_every": 1, "eval_prompts": "", "vae": "", "model_components": "",
+               "reward": "brightness", "reward_weights": "", key: value}  # (eval_prompts is read by --eval-every)
         edit_states(run, lambda state: state["config"].update(old))
         assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 2
+        path = value.split(":")[0].split("=")[-1].split(",")[0]
+        whose = "," if path == value else f", whose {path} is"
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: --resume latest: the run in {run} was trained with {key}=p.txt (its checkpoint's config), a path "
-            "relative to the folder its run started in (a run before 2026-12-05), not found from here: resume in that "
-            f"folder, or give the file from here with {flag}")
+            f"error: --resume latest: the run in {run} was trained with {key}={value} (its checkpoint's config){whose} "
+            "a path relative to the folder its run started in (a run before 2026-12-05), not found from here: resume "
+            f"in that folder, or give it from here with {fix}")
         assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
-    edit_states(run, lambda state: state["config"].update(eval_prompts="", eval_every=0))
+    edit_states(run, lambda state: state["config"].update(reward_weights="", eval_prompts="", eval_every=0,
+                                                          prompts="p.txt", vae="vaedir"))
     (here / "p.txt").write_text("a red cat\n")  # the run's file, in the folder it started in: the resume goes on
-    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--set", "vae="]) == 0  # (given)
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
 
 
