@@ -827,6 +827,33 @@ def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them
         f"settings, not its run's (--model {tiny_dir} renders as its run did; --set KEY=VALUE chooses)") in caplog.text
 
 
+def test_a_vae_an_older_loras_run_recorded_relative_is_one_line_from_another_folder(tmp_path, loras, tiny_dir,
+                                                                                      monkeypatch, capsys):
+    """A run before 2026-12-05 recorded its VAE (or model_components) as typed, relative to the folder it started in:
+    sample of its LoRA from another folder said 'vae=vaedir does not exist: pass a diffusers VAE folder ...', for a
+    VAE the command did not name. It names the LoRA's record and the fix; the VAE given from here renders."""
+    import shutil
+
+    from lowmem_alignprop.commands import sample_cmd as ev
+
+    lora = shutil.copytree(loras["a"], tmp_path / "a")
+    used = []
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, specs, **kw: used.append(cfg) or {"output_dir": str(tmp_path)})
+    monkeypatch.setattr(ev, "print_summary", lambda results, out: None)
+    monkeypatch.chdir(tmp_path)
+    for key, value in (("vae", "vaedir"), ("model_components", "parts")):
+        (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir), "image_settings": {key: value}}))
+        assert main(["sample", *COMMON, str(lora), "--output-dir", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --lora {lora} was trained with {key}={value} (its run's record), a path relative to the folder "
+            "its run started in (a run before 2026-12-05), not found from here: sample in that folder, or give it "
+            f"from here with --set {key}=PATH")
+    (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir), "image_settings": {"vae": "vaedir"}}))
+    vae = os.path.join(tiny_dir, "vae")
+    assert main(["sample", *COMMON, str(lora), "--set", f"vae={vae}", "--output-dir", str(tmp_path / "out")]) == 0
+    assert used[-1].vae == vae
+
+
 def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp_path, capsys, caplog):
     """`sample RUN` (or RUN/lora) of a run still training, or whose lora/ is lost: the line names its newest checkpoint
     (and, lost, export that writes lora/ again); it said "holds no LoRA weights; pass the lora/ folder", which does
