@@ -1391,6 +1391,17 @@ def _base_gone(tmp: Path, sd, model: str | None = None) -> Path:
     return lora
 
 
+def _old_relative(tmp: Path, sd, line: str) -> Path:
+    """A copy of the run whose config.yaml has ``line`` (``vae: vaedir``): a path a run before 2026-12-05 recorded
+    relative to the folder it started in, not this test's."""
+    run = shutil.copytree(sd["run"], tmp / "old-run")
+    config = run / "config.yaml"
+    key = line.split(":")[0]
+    config.write_text("".join(line + "\n" if x.startswith(f"{key}:") else x
+                              for x in config.read_text().splitlines(keepends=True)))
+    return run / "lora"
+
+
 BAD = {
     "unknown_format": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohyaa"],
                        "--format 'kohyaa' is not one of diffusers, kohya, peft: did you mean kohya?"),
@@ -1405,6 +1416,9 @@ BAD = {
     "merge_base_relative": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "models/sd/here")), "--merge"],
                             "base_model.json), a path relative to the folder its run started in (a run before "
                             "2026-12-05), not found from here: pass the base model with --model"),
+    "merge_vae_relative": (lambda t, sd, o: ["--lora", str(_old_relative(t, sd, "vae: vaedir")), "--merge"],
+                           "was trained with vae=vaedir (its run's record), a path relative to the folder its run "
+                           "started in (a run before 2026-12-05), not found from here: export in that folder"),
     "merge_base_by_name": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "my-sd15")), "--merge"],
                            "trained on my-sd15 (base_model.json), not found here: a local model of that name (as a "
                            "LoRA shared on the hub names it) or a path relative to the folder its run started in"),

@@ -203,12 +203,16 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     from lowmem_alignprop.lora.adapters import load_adapters
     from lowmem_alignprop.lora.lora_args import LoraSpec
     from lowmem_alignprop.lora.lora_checks import check_lora_files
+    from lowmem_alignprop.step.inputs import missing_relative, relative_path_line
 
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     record[-1].update(run_settings(adapter))  # what `sample --model MERGED` renders with (the LoRA folder may go)
     components = merge_components(lora, spec)
+    if (found := missing_relative(lora.run_config, ("vae", "model_components"))) is not None:  # (export has no --set)
+        raise UserError(relative_path_line(f"--merge: {lora.named}", lora.run_config, found, "its run's record",
+                                           "export", flag=False))
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = base_fingerprint.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
     pins = base_fingerprint.recorded_pins(lora.base, {**lora.run_config, "model_components": components})

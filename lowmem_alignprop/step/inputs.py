@@ -123,16 +123,17 @@ def missing_relative(values: dict, keys: tuple[str, ...] = RECORDED_PATHS) -> tu
     return None
 
 
-def relative_path_line(label: str, values: dict, found: tuple[str, str], record: str, where: str) -> str:
+def relative_path_line(label: str, values: dict, found: tuple[str, str], record: str, where: str,
+                       flag: bool = True) -> str:
     """The one line for :func:`missing_relative`'s ``found`` in ``values``: ``label`` (the run, the LoRA) was trained
     with it (``record``: where it is recorded), an older run's relative path; the fix: the command in that folder
-    (``where``: its verb), or the path from here by the field's flag."""
+    (``where``: its verb), or the path from here by the field's flag (``flag``: the command takes it)."""
     key, path = found
     value = str(values[key]).strip()
     whose = f", whose {path} is" if path != value else ","
     fix = {"prompts": "--prompts ", "reward": "--reward "}.get(key, f"--set {key}=") + value.replace(path, "PATH", 1)
     return (f"{label} was trained with {key}={value} ({record}){whose} {OLD_RELATIVE}, not found from here: {where} "
-            f"in that folder, or give it from here with {fix}")
+            "in that folder" + (f", or give it from here with {fix}" if flag else ""))
 
 
 def check_tracker(report_to: str) -> None:
