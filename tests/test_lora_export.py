@@ -1033,7 +1033,9 @@ def test_the_cards_code_loads_bases_of_every_form(sd, tmp_path):
 def test_a_merged_model_renders_as_its_run_did_with_its_vae_and_prediction_type(sd, tmp_path):
     """A run that decoded with another VAE (--set vae) or took its UNet as predicting v (--set prediction_type) was
     merged onto the base's own VAE and scheduler: the merged model rendered otherwise than the run (and a "no-vae"
-    single file could not be merged at all). Both now go into it."""
+    single file could not be merged at all). Both now go into it, from its run's config.yaml or, for the LoRA copied
+    out of its run, from its base_model.json's image_settings, as sample renders it (that one merged onto the base's
+    own VAE and scheduler)."""
     import json
 
     from diffusers import AutoencoderKL
@@ -1045,15 +1047,20 @@ def test_a_merged_model_renders_as_its_run_did_with_its_vae_and_prediction_type(
     for p in other.decoder.parameters():
         p.data += 0.05 * torch.randn_like(p)
     other.save_pretrained(tmp_path / "other_vae")
+    settings = {"vae": str(tmp_path / "other_vae"), "prediction_type": "v_prediction", "zero_terminal_snr": True}
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "vae": str(tmp_path / "other_vae"),
-                                                     "prediction_type": "v_prediction", "zero_terminal_snr": True}))
-    out = export(tmp_path / "m", run / "lora", "--merge")
-    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
-    assert scheduler["timestep_spacing"] == "trailing"
-    merged = AutoencoderKL.from_pretrained(out / "vae").state_dict()
-    assert all(torch.equal(merged[k], v) for k, v in other.state_dict().items())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, **settings}))
+    alone = shutil.copytree(run / "lora", tmp_path / "alone" / "lora")
+    record = json.loads((alone / "base_model.json").read_text())
+    (alone / "base_model.json").write_text(json.dumps({**record, "image_settings": {**record.get("image_settings", {}),
+                                                                                     **settings}}))
+    for name, lora in (("m", run / "lora"), ("m-alone", alone)):
+        out = export(tmp_path / name, lora, "--merge")
+        scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+        assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"], name
+        assert scheduler["timestep_spacing"] == "trailing"
+        merged = AutoencoderKL.from_pretrained(out / "vae").state_dict()
+        assert all(torch.equal(merged[k], v) for k, v in other.state_dict().items()), name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -209,18 +209,20 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     record[-1].update(run_settings(adapter))  # what `sample --model MERGED` renders with (the LoRA folder may go)
+    # the settings it renders with, as `sample LORA` takes them: a LoRA copied out of its run, its record's
+    run = {**lora.run_config, **record[-1].get("image_settings", {})}
     components = merge_components(lora, spec)
-    if (found := missing_relative(lora.run_config, ("vae", "model_components"))) is not None:  # (export has no --set)
-        raise UserError(relative_path_line(f"--merge: {lora.named}", lora.run_config, found, "its run's record",
-                                           "export", flag=False))
+    if (found := missing_relative(run, ("vae", "model_components"))) is not None:  # (export has no --set)
+        raise UserError(relative_path_line(f"--merge: {lora.named}", run, found, "its run's record", "export",
+                                           flag=False))
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = base_fingerprint.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
-    pins = base_fingerprint.recorded_pins(lora.base, {**lora.run_config, "model_components": components})
+    pins = base_fingerprint.recorded_pins(lora.base, {**run, "model_components": components})
     if components != lora.model_components:  # the hub id it trained on, for a transformer file: its parts at the
         # commit it trained on
         pins.update(base_fingerprint.recorded_pins({"components_revision": base_fingerprint.trained_commit(lora.base)},
                                                    {"model_components": components}))
-    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
+    pipe = load_base(spec, {**run, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
