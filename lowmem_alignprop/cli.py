@@ -178,9 +178,11 @@ def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None 
     """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the
     work (``recorded``: a resumed run's profile file's values at its start); the paths it names that exist made
     absolute (:func:`lowmem_alignprop.step.inputs.with_absolute_paths`)."""
-    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config, run_config_values
     from lowmem_alignprop.step.inputs import with_absolute_paths
 
+    if resumed is None and (run := run_config_values(args.profile)) is not None:  # --profile RUN/config.yaml
+        _check_recorded_paths(args, run, f"--profile {args.profile}: its run", "its config.yaml", "run the command")
     name, cfg = resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training,
                                recorded)
     return name, with_absolute_paths(cfg)
@@ -263,12 +265,13 @@ def cmd_train(argv: list[str]) -> int:
                       command=_recorded_command(argv, args, name, bool(settings)), began=began)
 
 
-def _check_recorded_paths(args: argparse.Namespace, recorded: dict, label: str) -> None:
+def _check_recorded_paths(args: argparse.Namespace, recorded: dict, label: str,
+                          record: str = "its checkpoint's config", where: str = "resume") -> None:
     """A path a run before 2026-12-05 recorded relative (to the folder it started in: a prompt file, its VAE,
-    model_components, a reward file or reward weights), not found from the folder a resume runs in, that this command
-    does not give again: one line naming the run's setting and the fix. Each path's own check named neither the run
-    nor its record ('vae=vaedir does not exist', 'prompt file p.txt does not exist'), for a value the command did not
-    name."""
+    model_components, a reward file or reward weights), not found from the folder a resume (or a command given the
+    run's config.yaml as --profile) runs in, that this command does not give again: one line naming the run's setting
+    and the fix. Each path's own check named neither the run nor its record ('vae=vaedir does not exist', 'prompt file
+    p.txt does not exist'), for a value the command did not name."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS
     from lowmem_alignprop.step.inputs import RECORDED_PATHS, missing_relative, relative_path_line
 
@@ -276,7 +279,7 @@ def _check_recorded_paths(args: argparse.Namespace, recorded: dict, label: str) 
     evaluates = {**recorded, **given}.get("eval_every")  # (eval_prompts is read by the evaluation alone)
     keys = tuple(k for k in RECORDED_PATHS if k not in given and (k != "eval_prompts" or evaluates))
     if (found := missing_relative(recorded, keys)) is not None:
-        raise UserError(relative_path_line(label, recorded, found, "its checkpoint's config", "resume"))
+        raise UserError(relative_path_line(label, recorded, found, record, where))
 
 
 def _recorded_command(argv: list[str], args: argparse.Namespace, profile: str, resumed: bool) -> str:

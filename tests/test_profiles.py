@@ -241,6 +241,32 @@ def test_a_cpu_run_config_from_before_the_cpu_profiles_card_plans_for_the_cpu(tm
         assert default_target(name, values["card"]) == target
 
 
+def test_a_run_config_with_an_older_relative_path_given_as_profile_from_another_folder_is_one_line(
+        tmp_path, monkeypatch, capsys):
+    """plan --profile RUN/config.yaml of a run before 2026-12-05, which recorded its VAE or reward file relative to
+    the folder it started in, from another folder: it said 'profile RUN/config.yaml: vae=vaedir does not exist: pass a
+    diffusers VAE folder ...' or 'reward ...: rw/r.py is not a file', not why. It names the run's record and the fix;
+    the path given on the command line plans."""
+    import lowmem_alignprop.commands.plan_cmd as plan_cmd
+
+    planned = []
+    monkeypatch.setattr(plan_cmd, "plan_main", lambda cfg, *a, **k: planned.append(cfg) or 0)
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for key, value, fix in (("vae", "vaedir", "--set vae=PATH"), ("reward", "rw/r.py:score", "--reward PATH:score")):
+        record = {"profile": "cpu", **Config(model="tiny").to_dict(), "output_dir": str(tmp_path / "run"), key: value}
+        config = _write(tmp_path, yaml.safe_dump(record), "config.yaml")
+        assert main(["plan", "--profile", str(config)]) == 2
+        path = value.split(":")[0]
+        whose = "," if path == value else f", whose {path} is"
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --profile {config}: its run was trained with {key}={value} (its config.yaml){whose} a path "
+            "relative to the folder its run started in (a run before 2026-12-05), not found from here: run the "
+            f"command in that folder, or give it from here with {fix}")
+    assert main(["plan", "--profile", str(config), "--reward", "brightness"]) == 0 and planned[-1].reward == "brightness"
+
+
 @pytest.mark.parametrize("text, needles", [
     ("budget_gb: 8\nsliced_decode: [true\n", ["not valid YAML at line", "fix the file"]),
     ("budget_gb: 8\nvae_checkpoint: blocks\n",

@@ -227,6 +227,19 @@ def is_run_config(data: dict) -> bool:
     return {"profile", "output_dir"} <= data.keys() and 2 * len(set(FIELD_NAMES) & data.keys()) >= len(FIELD_NAMES)
 
 
+def run_config_values(spec: str) -> dict[str, Any] | None:
+    """A run's config.yaml named as a profile (``--profile RUN/config.yaml``): its field values as written; None for
+    a profile name or a user's own file, or a file :func:`load_profile` refuses (it says why)."""
+    path = Path(spec).expanduser()
+    if spec in shipped_profiles() or path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        return None
+    try:
+        data = _load_yaml(read_user_text(path))
+    except (yaml.YAMLError, ValueError, OSError, _TooLarge, _DuplicateKey):
+        return None
+    return data if isinstance(data, dict) and is_run_config(data) else None
+
+
 _UNSET = object()
 
 
