@@ -273,13 +273,13 @@ def _check_recorded_paths(args: argparse.Namespace, recorded: dict, label: str,
     and the fix. Each path's own check named neither the run nor its record ('vae=vaedir does not exist', 'prompt file
     p.txt does not exist'), for a value the command did not name."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS
-    from lowmem_alignprop.step.inputs import RECORDED_PATHS, missing_relative, relative_path_line
+    from lowmem_alignprop.step.inputs import RECORDED_PATHS, missing_recorded, recorded_path_line
 
     given = {**{f: v for f in FLAG_FIELDS if (v := getattr(args, f, None)) is not None}, **parse_set(args.set)}
     evaluates = {**recorded, **given}.get("eval_every")  # (eval_prompts is read by the evaluation alone)
     keys = tuple(k for k in RECORDED_PATHS if k not in given and (k != "eval_prompts" or evaluates))
-    if (found := missing_relative(recorded, keys)) is not None:
-        raise UserError(relative_path_line(label, recorded, found, record, where))
+    if (found := missing_recorded(recorded, keys)) is not None:
+        raise UserError(recorded_path_line(label, recorded, found, record, where))
 
 
 def _recorded_command(argv: list[str], args: argparse.Namespace, profile: str, resumed: bool) -> str:

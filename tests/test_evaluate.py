@@ -831,7 +831,8 @@ def test_a_vae_an_older_loras_run_recorded_relative_is_one_line_from_another_fol
                                                                                       monkeypatch, capsys):
     """A run before 2026-12-05 recorded its VAE (or model_components) as typed, relative to the folder it started in:
     sample of its LoRA from another folder said 'vae=vaedir does not exist: pass a diffusers VAE folder ...', for a
-    VAE the command did not name. It names the LoRA's record and the fix; the VAE given from here renders."""
+    VAE the command did not name; so it did of a VAE recorded absolute and moved since. It names the LoRA's record
+    and the fix; the VAE given from here renders."""
     import shutil
 
     from lowmem_alignprop.commands import sample_cmd as ev
@@ -841,13 +842,18 @@ def test_a_vae_an_older_loras_run_recorded_relative_is_one_line_from_another_fol
     monkeypatch.setattr(ev, "evaluate", lambda cfg, specs, **kw: used.append(cfg) or {"output_dir": str(tmp_path)})
     monkeypatch.setattr(ev, "print_summary", lambda results, out: None)
     monkeypatch.chdir(tmp_path)
-    for key, value in (("vae", "vaedir"), ("model_components", "parts")):
+    gone = tmp_path / "moved-away" / "vae"  # recorded absolute, moved or deleted since
+    for key, value, why in (
+            ("vae", "vaedir", "a path relative to the folder its run started in (a run before 2026-12-05), not found "
+                              "from here: sample in that folder, or give it from here with --set vae=PATH"),
+            ("model_components", "parts", "a path relative to the folder its run started in (a run before "
+                                          "2026-12-05), not found from here: sample in that folder, or give it from "
+                                          "here with --set model_components=PATH"),
+            ("vae", str(gone), "which is not there any more (moved or deleted): give it with --set vae=PATH")):
         (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir), "image_settings": {key: value}}))
         assert main(["sample", *COMMON, str(lora), "--output-dir", str(tmp_path / "out")]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: --lora {lora} was trained with {key}={value} (its run's record), a path relative to the folder "
-            "its run started in (a run before 2026-12-05), not found from here: sample in that folder, or give it "
-            f"from here with --set {key}=PATH")
+            f"error: --lora {lora} was trained with {key}={value} (its run's record), {why}")
     (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir), "image_settings": {"vae": "vaedir"}}))
     vae = os.path.join(tiny_dir, "vae")
     assert main(["sample", *COMMON, str(lora), "--set", f"vae={vae}", "--output-dir", str(tmp_path / "out")]) == 0

@@ -1426,6 +1426,9 @@ BAD = {
     "merge_vae_relative": (lambda t, sd, o: ["--lora", str(_old_relative(t, sd, "vae: vaedir")), "--merge"],
                            "was trained with vae=vaedir (its run's record), a path relative to the folder its run "
                            "started in (a run before 2026-12-05), not found from here: export in that folder"),
+    "merge_vae_gone": (lambda t, sd, o: ["--lora", str(_old_relative(t, sd, f"vae: {t / 'moved-away'}")),
+                                         "--merge"],
+                       "(its run's record), which is not there any more (moved or deleted): put it back there"),
     "merge_base_by_name": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "my-sd15")), "--merge"],
                            "trained on my-sd15 (base_model.json), not found here: a local model of that name (as a "
                            "LoRA shared on the hub names it) or a path relative to the folder its run started in"),

@@ -1072,7 +1072,9 @@ def test_a_path_an_older_run_recorded_relative_is_one_line_from_another_folder(r
     relative to the folder it started in: its resume from another folder said only 'prompt file p.txt does not exist;
     give an existing text file ...', 'vae=vaedir does not exist: pass a diffusers VAE folder ...', 'reward
     'rw/r.py:score': rw/r.py is not a file ...', naming neither the run's record nor the fix (the command named no
-    such path). It names both; a path given again by the command is not the run's."""
+    such path); so they did of a path recorded absolute and moved since. It names both; a path given again by the
+    command is not the run's."""
+
     _, split, _ = runs
     run, here = tmp_path / "run", tmp_path / "elsewhere"
     shutil.copytree(split, run)
@@ -1094,7 +1096,13 @@ def test_a_path_an_older_run_recorded_relative_is_one_line_from_another_folder(r
             "a path relative to the folder its run started in (a run before 2026-12-05), not found from here: resume "
             f"in that folder, or give it from here with {fix}")
         assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
-    edit_states(run, lambda state: state["config"].update(reward_weights="", eval_prompts="", eval_every=0,
+    gone = tmp_path / "moved-away" / "r.py"  # a path recorded absolute, moved or deleted since
+    edit_states(run, lambda state: state["config"].update(reward_weights="", reward=f"{gone}:score"))
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --resume latest: the run in {run} was trained with reward={gone}:score (its checkpoint's config), "
+        f"whose {gone} is not there any more (moved or deleted): give it with --reward PATH:score")
+    edit_states(run, lambda state: state["config"].update(reward="brightness", eval_prompts="", eval_every=0,
                                                           prompts="p.txt", vae="vaedir"))
     (here / "p.txt").write_text("a red cat\n")  # the run's file, in the folder it started in: the resume goes on
     assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--set", "vae="]) == 0  # (given)

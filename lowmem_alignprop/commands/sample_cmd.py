@@ -23,7 +23,7 @@ from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, PROMPT_READIN
                                               TRAINING_ONLY, UNCONDITIONAL_USES, coerce, flag_value, split_set)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.image_size import resolution_of
-from lowmem_alignprop.step.inputs import missing_relative, relative_path_line
+from lowmem_alignprop.step.inputs import missing_recorded, recorded_path_line
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -117,8 +117,8 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     prompts (those at hand here) not in ``given`` into ``args``, a hub id model_components or vae taken at the commit
     its run's parts came from (components_revision, vae_revision); another LoRA's run's other settings said."""
     taken = _with_pins(_usable(args, base[1], given), recorded_fingerprint(specs[0]), given)
-    if (found := missing_relative(taken, ("vae", "model_components"))) is not None:  # (read to render: not dropped)
-        raise UserError(relative_path_line(f"--lora {specs[0].arg}", taken, found, "its run's record", "sample"))
+    if (found := missing_recorded(taken, ("vae", "model_components"))) is not None:  # (read to render: not dropped)
+        raise UserError(recorded_path_line(f"--lora {specs[0].arg}", taken, found, "its run's record", "sample"))
     args.set += _as_sets(taken)
     settings = "; as its run did: " + " ".join(_as_sets(taken)) if taken else ""
     if args.model is None:

@@ -36,11 +36,11 @@ def check_recorded_base(model: str, lora: str, record: str = LORA_BASE_FILE) -> 
     or a hub id always is): else one line naming --model, not the missing path's generic advice."""
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
     from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
-    from lowmem_alignprop.step.inputs import OLD_RELATIVE as relative
+    from lowmem_alignprop.step.inputs import ANOTHER_MACHINES, OLD_RELATIVE as relative
 
     if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
         if windows_path(model):  # a run on Windows: no file here has that name (read as one, it was "a local model")
-            where = "a Windows path (of the machine it trained on), not one on this machine"
+            where = ANOTHER_MACHINES
         elif Path(model).expanduser().is_absolute():
             where = "which is not there any more"
         elif len(Path(model).parts) == 1:  # a bare name: a folder pushed to the hub names a local base so

@@ -203,7 +203,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     from lowmem_alignprop.lora.adapters import load_adapters
     from lowmem_alignprop.lora.lora_args import LoraSpec
     from lowmem_alignprop.lora.lora_checks import check_lora_files
-    from lowmem_alignprop.step.inputs import missing_relative, relative_path_line
+    from lowmem_alignprop.step.inputs import missing_recorded, recorded_path_line
 
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
@@ -212,8 +212,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     # the settings it renders with, as `sample LORA` takes them: a LoRA copied out of its run, its record's
     run = {**lora.run_config, **record[-1].get("image_settings", {})}
     components = merge_components(lora, spec)
-    if (found := missing_relative(run, ("vae", "model_components"))) is not None:  # (export has no --set)
-        raise UserError(relative_path_line(f"--merge: {lora.named}", run, found, "its run's record", "export",
+    if (found := missing_recorded(run, ("vae", "model_components"))) is not None:  # (export has no --set)
+        raise UserError(recorded_path_line(f"--merge: {lora.named}", run, found, "its run's record", "export",
                                            flag=False))
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = base_fingerprint.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on

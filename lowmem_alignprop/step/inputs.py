@@ -91,23 +91,25 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 OLD_RELATIVE = "a path relative to the folder its run started in (a run before 2026-12-05)"
+ANOTHER_MACHINES = "a Windows path (of the machine it trained on), not one on this machine"
 RECORDED_PATHS = ("prompts", "eval_prompts", "vae", "model_components", "reward", "reward_weights")  # (and model)
 
 
-def missing_relative(values: dict, keys: tuple[str, ...] = RECORDED_PATHS) -> tuple[str, str] | None:
-    """The first (field, path) of ``keys`` in ``values`` (a run's recorded settings) whose path is relative and not
-    found from the working folder, or None: a run before 2026-12-05 recorded its paths as typed, relative to the
-    folder it started in (:func:`with_absolute_paths` records them absolute since). Names are no paths: a built-in
-    prompt set, a hub dataset's file, a reward that is no .py file, a hub id where one is read (a VAE, the model's
-    components, reward weights)."""
+def missing_recorded(values: dict, keys: tuple[str, ...] = RECORDED_PATHS) -> tuple[str, str] | None:
+    """The first (field, path) of ``keys`` in ``values`` (a run's recorded settings) whose path is not found from the
+    working folder, or None: moved or deleted since (a prompt file only when relative), or relative (a run before
+    2026-12-05 recorded its paths as typed, relative to the folder it started in; :func:`with_absolute_paths` records
+    them absolute since). Names are no paths: a built-in prompt set, a hub dataset's file, a reward that is no .py
+    file, a hub id where one is read (a VAE, the model's components, reward weights)."""
     from lowmem_alignprop.rewards import parse_reward_spec
     from lowmem_alignprop.run.hub import PREFIX
     from lowmem_alignprop.settings.paths import looks_like_hub_id
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     def paths(key: str, value: str) -> list[str]:
-        if key in ("prompts", "eval_prompts"):
-            return [] if value in PROMPT_SETS or value.startswith(PREFIX) else [value]
+        if key in ("prompts", "eval_prompts"):  # (one gone since: the prompt reader names the run's prompts.json)
+            return [] if value in PROMPT_SETS or value.startswith(PREFIX) or os.path.isabs(os.path.expanduser(value)) \
+                else [value]
         if key == "reward":  # 'path/to/file.py:fn', alone or in a sum
             return [m for m in (term.partition(":")[0] for term, _ in parse_reward_spec(value)) if m.endswith(".py")]
         items = [p for item in value.split(";") for p in item.rpartition("=")[2].split(",")] \
@@ -117,23 +119,31 @@ def missing_relative(values: dict, keys: tuple[str, ...] = RECORDED_PATHS) -> tu
     for key in keys:
         value = values.get(key)
         for path in paths(key, value.strip()) if isinstance(value, str) and value.strip() else []:
-            local = os.path.expanduser(path.strip())
-            if local and not os.path.isabs(local) and not os.path.exists(local):
+            if path.strip() and not os.path.exists(os.path.expanduser(path.strip())):
                 return key, path.strip()
     return None
 
 
-def relative_path_line(label: str, values: dict, found: tuple[str, str], record: str, where: str,
+def recorded_path_line(label: str, values: dict, found: tuple[str, str], record: str, where: str,
                        flag: bool = True) -> str:
-    """The one line for :func:`missing_relative`'s ``found`` in ``values``: ``label`` (the run, the LoRA) was trained
-    with it (``record``: where it is recorded), an older run's relative path; the fix: the command in that folder
-    (``where``: its verb), or the path from here by the field's flag (``flag``: the command takes it)."""
+    """The one line for :func:`missing_recorded`'s ``found`` in ``values``: ``label`` (the run, the LoRA) was trained
+    with it (``record``: where it is recorded), a path gone since, or an older run's relative path or another
+    machine's Windows path; the fix: the path from here by the field's flag (``flag``: the command takes it), or for
+    a relative one the command (``where``: its verb) in the folder its run started in."""
+    from lowmem_alignprop.settings.paths import windows_path
+
     key, path = found
     value = str(values[key]).strip()
-    whose = f", whose {path} is" if path != value else ","
+    whose = f"whose {path} is " if path != value else ""
     fix = {"prompts": "--prompts ", "reward": "--reward "}.get(key, f"--set {key}=") + value.replace(path, "PATH", 1)
-    return (f"{label} was trained with {key}={value} ({record}){whose} {OLD_RELATIVE}, not found from here: {where} "
-            "in that folder" + (f", or give it from here with {fix}" if flag else ""))
+    if windows_path(path):
+        why, tail = f"{whose}{ANOTHER_MACHINES}", ""
+    elif os.path.isabs(os.path.expanduser(path)):
+        why, tail = f"{whose or 'which is '}not there any more (moved or deleted)", ": put it back there"
+    else:
+        return (f"{label} was trained with {key}={value} ({record}), {whose}{OLD_RELATIVE}, not found from here: "
+                f"{where} in that folder" + (f", or give it from here with {fix}" if flag else ""))
+    return f"{label} was trained with {key}={value} ({record}), {why}" + (f": give it with {fix}" if flag else tail)
 
 
 def check_tracker(report_to: str) -> None:
