@@ -287,6 +287,52 @@ def test_a_two_process_run_resumed_in_one_says_its_steps_average_fewer_images(dd
     assert [(r["step"], r["images"]) for r in strict_rows(out)][3:] == [(4, 2), (5, 1)]
 
 
+RANKS_CLOCKS = """
+import os, time, torch
+from lowmem_alignprop.rewards.simple import BrightnessReward
+from lowmem_alignprop.run import time_limit
+
+ahead = [0.0]
+time_limit.clock = lambda: time.monotonic() + ahead[0]  # each process's own clock, as --max-minutes reads it
+brightness = BrightnessReward()
+
+def reward(images, prompts):
+    if torch.is_grad_enabled() and images.shape[0] == 1:  # a training step: 10 minutes on rank 0, 16.7 on rank 1
+        ahead[0] += 1000.0 if os.environ.get("RANK") == "1" else 600.0
+    return brightness(images)
+"""
+
+
+def test_under_a_launcher_max_minutes_stops_every_rank_after_rank_0s_step_and_resumes_as_one_run(ddp, tmp_path):
+    """--max-minutes 30 on 2 processes whose steps take 10 minutes on rank 0 and 16.7 on rank 1 (their clocks, as
+    --max-minutes reads them, moved on by the reward): rank 0 stops after step 2 (20 + 10 + the end's minute > 30),
+    and so does rank 1, which alone would have stopped after step 1 (rank 0's decision is every rank's: with each
+    rank's own, the two hung in collectives that did not match, past 10 minutes). One line says it, the checkpoint
+    of step 2 is kept, and --resume latest trains steps 3-4 to the LoRA the uninterrupted 4-step run (ddp) trained,
+    to the bit. (The in-process test_time_limit::test_under_a_launcher_every_rank_takes_rank_0s_decision covers the
+    rule.)"""
+    import torch
+
+    (tmp_path / "qa_clock.py").write_text(RANKS_CLOCKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = tmp_path / "run"
+    cmd = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
+           "--steps", "4", "--set", "sample_prompts=1", "--reward", "qa_clock:reward"]
+    r = subprocess.run([*cmd, "--max-minutes", "30"], capture_output=True, text=True, timeout=300, env=env)
+    said = r.stdout + r.stderr
+    assert r.returncode == 0 and "Traceback" not in said, said[-3000:]
+    assert said.count("time limit: stopped after step 2 of 4") == 1 and "[rank 1]" not in said, said[-3000:]
+    assert [row["step"] for row in strict_rows(out)] == [1, 2]
+    assert ckpt.find_resume(out, "latest").name == "step-00000002"
+    assert json.loads((out / "summary.json").read_text())["time_limit"]["stopped_at"] == 2
+    r = subprocess.run([*cmd, "--resume", "latest", "--max-minutes", "0"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [row["step"] for row in strict_rows(out)] == [1, 2, 3, 4]
+    got, want = lora(out), lora(ddp)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # the before/after samples (the trains test reads them); every run compared with the ZeRO-2 one draws them too
 SAMPLES = ["--set", "sample_prompts=2"]
 Z2 = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", *SAMPLES]
