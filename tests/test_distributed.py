@@ -303,6 +303,8 @@ def reward(images, prompts):
 """
 
 
+@pytest.mark.slow  # two launches, 25-39 s of one worker: test_time_limit's in-process
+# test_under_a_launcher_every_rank_takes_rank_0s_decision covers the rule every rank follows
 def test_under_a_launcher_max_minutes_stops_every_rank_after_rank_0s_step_and_resumes_as_one_run(ddp, tmp_path):
     """--max-minutes 30 on 2 processes whose steps take 10 minutes on rank 0 and 16.7 on rank 1 (their clocks, as
     --max-minutes reads them, moved on by the reward): rank 0 stops after step 2 (20 + 10 + the end's minute > 30),
