@@ -264,7 +264,8 @@ def test_a_run_config_with_an_older_relative_path_given_as_profile_from_another_
             f"error: --profile {config}: its run was trained with {key}={value} (its config.yaml){whose} a path "
             "relative to the folder its run started in (a run before 2026-12-05), not found from here: run the "
             f"command in that folder, or give it from here with {fix}")
-    assert main(["plan", "--profile", str(config), "--reward", "brightness"]) == 0 and planned[-1].reward == "brightness"
+    assert main(["plan", "--profile", str(config), "--reward", "brightness"]) == 0
+    assert planned[-1].reward == "brightness"
 
 
 @pytest.mark.parametrize("text, needles", [

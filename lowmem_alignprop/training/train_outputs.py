@@ -59,12 +59,12 @@ class RunOutputs:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``profile_name``, ``point``,
     ``start``, ``step``, ``refinish``, ``history``, ``skipped_peaks``, ``streak``, ``fits``, ``resumed_with``,
-    ``software``, ``start_dirs``, ``reward_sha``, ``reward_since``, ``prompts_since``, ``held_out``, ``stop``, ``before``,
-    ``grid_of``, ``last_update``, ``sample_prompts``, ``judge_prompts``, ``fidelity_before``, ``unet_train``,
-    ``family``, ``comps``, ``fingerprint``, ``gather``, ``prof``, ``attention``, ``allocator``, ``host_allocator``,
-    ``time_limit`` and its methods ``output_weights``, ``render_or_skip``, ``render_samples``, ``judge``,
-    ``checkpoint_dir``, ``config_yaml``, ``t5_tokens``; sets ``samples_skipped``, ``fidelity_after`` and ``stop``'s
-    ``raise_now`` and ``finishing``."""
+    ``software``, ``start_dirs``, ``reward_sha``, ``reward_since``, ``prompts_since``, ``held_out``, ``stop``,
+    ``before``, ``grid_of``, ``last_update``, ``sample_prompts``, ``judge_prompts``, ``fidelity_before``,
+    ``unet_train``, ``family``, ``comps``, ``fingerprint``, ``gather``, ``prof``, ``attention``, ``allocator``,
+    ``host_allocator``, ``time_limit`` and its methods ``output_weights``, ``render_or_skip``, ``render_samples``,
+    ``judge``, ``checkpoint_dir``, ``config_yaml``, ``t5_tokens``; sets ``samples_skipped``, ``fidelity_after`` and
+    ``stop``'s ``raise_now`` and ``finishing``."""
 
     def finish(self) -> dict:
         """The LoRA (or full UNet), the after samples, config.yaml after an auto-fit, the reports and summary."""
