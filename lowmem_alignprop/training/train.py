@@ -31,8 +31,8 @@ from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import disk_space, faults, input_files, schedule, time_limit
 from lowmem_alignprop.run.before_images import forget_before
-from lowmem_alignprop.run.filenames import (BEFORE_FILE, INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME,
-                                             PROMPTS_FILE, SAMPLES_DIR, step_grid_name)
+from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
+                                             SAMPLES_DIR, step_grid_name)
 from lowmem_alignprop.run.rng_state import get_rng_state
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, metrics_line, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
@@ -765,7 +765,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         limit.end_bytes = disk_space.run_bytes(self.cfg, self.params, self.start).least
         if limit_reached(limit, self.accelerator):
             if self.point is None and self.is_main:  # a new run: nothing of it is kept (its lock removes the folder)
-                forget_before(self.out / SAMPLES_DIR / BEFORE_FILE)
+                forget_before(self.before_file)
             with same_on_every_rank():  # rank 0's verdict, in its numbers: it alone says it (each rank said it, rank
                 raise UserError(limit.no_room_message())  # 1 as '[rank 1] ...' with its own clock's)
         limit.begin_lap()

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,12 +72,17 @@ class RunSamples:
             place.park("reward", self.reward)
         return imgs.float().cpu(), r.cpu()
 
+    @property
+    def before_file(self) -> Path:
+        """samples/before.safetensors: the images before training, kept for a resume (run/before_images.py)."""
+        return self.out / SAMPLES_DIR / BEFORE_FILE
+
     def render_before(self) -> None:
         """The sample grid's images and the toy world's judged figures of the untrained LoRA (so before a checkpoint is
         restored). A resume reads back those its run's start rendered with the same settings (samples/
         before.safetensors: run/before_images.py) and renders the rest; under ZeRO-3 with several processes, which
         render together, every start renders them."""
-        path = self.out / SAMPLES_DIR / BEFORE_FILE
+        path = self.before_file
         key = before_key(self.cfg, self.sample_prompts, self.judge_prompts, self.reward_sha, self.device,
                          input_files.contents(self.input_files))
         kept = read_before(path, key) if self.point is not None and self.is_main and not self.render_together else {}
