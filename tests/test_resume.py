@@ -393,6 +393,44 @@ def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path,
     assert summary["reward_since_step"] == 4 and summary["reward_first"] < 10 and summary["best_step"] >= 4
     assert summary["reward_sha"] == hashlib.sha256(reward.read_bytes()).hexdigest()[:16] != first
     assert summary["resume_changes"][-1]["changes"]["reward_source"] == [first, summary["reward_sha"]]
+    _sample_says_an_edited_reward_file(tmp_path, run, reward, summary["reward_sha"], caplog)
+
+
+def _sample_says_an_edited_reward_file(tmp_path, run, reward, trained, caplog):
+    """`sample` of the run's LoRA copied away, of its checkpoint and of an `export --merge` of it scores with the
+    run's reward file where it is at hand: it says where that file holds another source now than the one the LoRA
+    last trained with (base_model.json's, state.json's, merged_loras.json's reward_sha), and nothing while unchanged."""
+    import argparse
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+    from lowmem_alignprop.run.filenames import LORA_BASE_FILE
+
+    shutil.copytree(run / "lora", tmp_path / "copied")
+    assert json.loads((tmp_path / "copied" / LORA_BASE_FILE).read_text())["reward_sha"] == trained
+    assert main(["export", "--lora", str(tmp_path / "copied"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    named = {"copied": ["--lora", str(tmp_path / "copied")], "merged": ["--model", str(tmp_path / "merged")],
+             "checkpoint": ["--lora", str(ckpt.find_resume(run, "latest"))]}
+
+    def said() -> dict[str, str]:
+        out = {}
+        for what, argv in named.items():
+            caplog.clear()
+            args = argparse.Namespace(lora=argv[1:] if argv[0] == "--lora" else [], set=[], reward=None, prompts=None,
+                                      model=argv[1] if argv[0] == "--model" else None, recipe=None, output_dir="out")
+            with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+                take_run_settings(args, [])
+            assert f"reward={reward}:score" in args.set, (what, args.set)  # (the run's reward scores)
+            out[what] = " ".join(r.getMessage() for r in caplog.records if "source sha256" in r.getMessage())
+        return out
+
+    assert said() == {"copied": "", "merged": "", "checkpoint": ""}
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3)) * 2\n")
+    now = hashlib.sha256(reward.read_bytes()).hexdigest()[:16]
+    tail = (f" trained with --reward {reward}:score at source sha256 {trained}...; that file holds another now "
+            f"({now}...): the scores are this version's, not its run's")
+    assert said() == {"copied": f"--lora {tmp_path / 'copied'}{tail}",
+                      "merged": f"--model {tmp_path / 'merged'}'s LoRA {tmp_path / 'copied'}{tail}",
+                      "checkpoint": f"--lora {ckpt.find_resume(run, 'latest')}{tail}"}
 
 
 def test_a_resume_whose_evaluation_measures_otherwise_says_the_early_stop_it_cannot_make(tmp_path, tiny_dir, caplog):

@@ -10,13 +10,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_alignprop.lora.base_records import recorded_base, recorded_fingerprint, same_model, usable_scoring
+from lowmem_alignprop.lora.base_records import (recorded_base, recorded_fingerprint, recorded_reward_sha, same_model,
+                                                say_reward_file_changed, usable_scoring)
 from lowmem_alignprop.commands.evaluate import evaluate, print_summary
 from lowmem_alignprop.lora.lora_args import LoraSpec, base_record_file, parse_lora
 from lowmem_alignprop.lora.lora_checks import check_mixable
 from lowmem_alignprop.lora.lora_files import HEADER_BASE_MODEL, header_base_model, header_image_settings
 from lowmem_alignprop.lora.lora_merge import held_in, merged_into, refuse_held_loras
-from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
+from lowmem_alignprop.run.base_fingerprint import REWARD_SHA, recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, PROMPT_READING, SPEED_IN_TRAINING_ONLY,
@@ -117,6 +118,8 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     prompts (those at hand here) not in ``given`` into ``args``, a hub id model_components or vae taken at the commit
     its run's parts came from (components_revision, vae_revision); another LoRA's run's other settings said."""
     taken = _with_pins(_usable(args, base[1], given), recorded_fingerprint(specs[0]), given)
+    say_reward_file_changed(f"--lora {specs[0].arg}", recorded_reward_sha(specs[0]), taken)  # (an edited file
+    # scores otherwise than the run's)
     if (found := missing_recorded(taken, ("vae", "model_components"))) is not None:  # (read to render: not dropped)
         raise UserError(recorded_path_line(f"--lora {specs[0].arg}", taken, found, "its run's record", "sample"))
     args.set += _as_sets(taken)
@@ -212,6 +215,8 @@ def _take_merged(args: argparse.Namespace, given: set[str]) -> bool:
         return False
     (lora, settings), held = runs[-1], merged_record(model)
     taken = _usable(args, settings, given)
+    said_lora = next((r for r in reversed(held) if str(r.get("lora")) == lora), {})  # (the record of the LoRA taken)
+    say_reward_file_changed(f"--model {model}'s LoRA {lora}", said_lora.get(REWARD_SHA), taken)
     args.set += _as_sets(taken)
     whose = "its LoRA's run" if len(held) == 1 else f"the run of {lora}, the last LoRA merged into it" + (
         "," if lora == str(held[-1].get("lora")) else " whose run's settings are recorded,")

@@ -84,6 +84,25 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def recorded_reward_sha(spec: LoraSpec) -> str | None:
+    """The digest of the reward file's source a LoRA last trained with (rewards.reward_source_digest), as its
+    base_model.json (a checkpoint: its state.json) records it; None for a built-in reward or a record without it."""
+    checkpoint = ckpt.named_checkpoint(spec.named if spec.named.is_dir() else spec.named.parent)
+    record = ckpt.read_state(checkpoint) if checkpoint is not None else read_base_record(spec) or {}
+    return sha if isinstance(sha := record.get(base_fingerprint.REWARD_SHA), str) else None
+
+
+def say_reward_file_changed(who: str, was: Any, taken: dict[str, Any]) -> None:
+    """Warned where ``sample`` scores with the reward the run of ``who`` (a LoRA) trained with (``taken``: the run's
+    settings taken) and that reward's file holds another source now than ``was`` (:func:`recorded_reward_sha`): the
+    scores are the edited file's, not comparable with the run's."""
+    if "reward" not in taken or not isinstance(was, str):
+        return
+    if (now := rewards.reward_source_digest(taken["reward"])) is not None and now != was:
+        log.warning("%s trained with --reward %s at source sha256 %s...; that file holds another now (%s...): the "
+                    "scores are this version's, not its run's", who, taken["reward"], was, now)
+
+
 def same_model(given: str, recorded: str, fingerprint: dict | None = None) -> bool:
     """--model names the model a LoRA's record names: the same folder or file (however the path is written; the toy
     model's folder is ``toy``), the same hub id, or an `export --merge` of it (its record's first ``into``): the

@@ -299,15 +299,18 @@ def run_settings(adapter) -> dict:
     """The image settings and scoring the run of the LoRA ``adapter`` (a lora_args.LoraSpec) sampled with, keyed as
     its base_model.json keys them (``image_settings``, ``scoring``; base_records.recorded_base reads its run's
     config.yaml, a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample
-    --model MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
-    from lowmem_alignprop.lora.base_records import recorded_base
+    --model MERGED`` renders with them as ``sample LORA`` does, with ``reward_sha`` (the reward file's source it
+    trained with, where recorded). {} for a LoRA whose run records none."""
+    from lowmem_alignprop.lora.base_records import recorded_base, recorded_reward_sha
+    from lowmem_alignprop.run.base_fingerprint import REWARD_SHA
     from lowmem_alignprop.settings.config import RUN_SCORING_SETTINGS
 
     if (base := recorded_base(adapter, model_given=True)) is None:
         return {}
-    settings = base[1]
+    settings, sha = base[1], recorded_reward_sha(adapter)  # (and the reward file's source: sample says an edit)
     return {"image_settings": {k: v for k, v in settings.items() if k not in RUN_SCORING_SETTINGS},
-            "scoring": {k: v for k, v in settings.items() if k in RUN_SCORING_SETTINGS}}
+            "scoring": {k: v for k, v in settings.items() if k in RUN_SCORING_SETTINGS},
+            **({REWARD_SHA: sha} if sha else {})}
 
 
 def shared_record(merged: list[dict]) -> list[dict]:

@@ -625,7 +625,8 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
         writer = StableDiffusionXLPipeline if any(k.startswith("text_encoder_2.") for k in kept) else \
             StableDiffusionPipeline
         save_with_kept(writer, folder, convert_state_dict_to_diffusers(weights), lora_metadata(config), kept)
-    record = base_fingerprint.base_record(state.get("fingerprint", {}), run_cfg, state.get("prompt_sources"))
+    record = base_fingerprint.base_record(state.get("fingerprint", {}), run_cfg, state.get("prompt_sources"),
+                                          state.get("reward_sha"))
     (folder / LORA_BASE_FILE).write_text(record, encoding="utf-8")
     return folder / LORA_WEIGHT_NAME
 

@@ -21,6 +21,8 @@ from lowmem_alignprop.settings.model_kind import denoiser_label
 
 log = logging.getLogger("lowmem_alignprop")
 
+REWARD_SHA = "reward_sha"  # base_model.json's key of the reward file's source digest its LoRA trained with
+
 
 def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
                 revision: str | None = None, components_revision: str | None = None,
@@ -67,15 +69,17 @@ def config_sha(unet, storage: bool = False) -> str:
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def base_record(fp: dict[str, Any], config: dict[str, Any], sources: Any = None) -> str:
+def base_record(fp: dict[str, Any], config: dict[str, Any], sources: Any = None, reward_sha: str | None = None) -> str:
     """base_model.json beside a LoRA: the base model's fingerprint, the image settings its run sampled with
     (``image_settings``) and the reward and prompts it was scored with (``scoring``; a hub dataset's prompts at the
     commit the run read, ``sources``: its records), so that a LoRA folder or an export copied away from its run
-    still samples and scores as the run did."""
+    still samples and scores as the run did; ``reward_sha``: the digest of the reward file's source it trained with
+    (rewards.reward_source_digest; ``sample`` says where that file is another now)."""
     from lowmem_alignprop.run.hub import with_pinned_prompts
     from lowmem_alignprop.settings.config import image_settings, scoring_settings
 
-    return json.dumps({**fp, "image_settings": image_settings(config),
+    return json.dumps({**fp, **({REWARD_SHA: reward_sha} if reward_sha else {}),
+                       "image_settings": image_settings(config),
                        "scoring": scoring_settings(with_pinned_prompts(config, sources))}, indent=1)
 
 

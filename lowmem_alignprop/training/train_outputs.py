@@ -151,7 +151,8 @@ class RunOutputs:
 
         self.family.save_lora(self.comps.pipeline_class, final, lora, folder, read_kept(self.out))  # the pipeline's
         # LoRA format, with the layers the run keeps as its --init-lora had them
-        record = base_fingerprint.base_record(self.fingerprint, self.cfg.to_dict(), self.prompt_sources)
+        record = base_fingerprint.base_record(self.fingerprint, self.cfg.to_dict(), self.prompt_sources,
+                                              self.reward_sha)
         (folder / LORA_BASE_FILE).write_text(record, encoding="utf-8")
 
     def write_lora(self, folder: Path) -> None:
