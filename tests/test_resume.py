@@ -405,8 +405,13 @@ def _sample_says_an_edited_reward_file(tmp_path, run, reward, trained, caplog):
     from lowmem_alignprop.commands.sample_cmd import take_run_settings
     from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 
+    from lowmem_alignprop.lora import lora_files
+    from lowmem_alignprop.lora.model_card import model_card
+
     shutil.copytree(run / "lora", tmp_path / "copied")
     assert json.loads((tmp_path / "copied" / LORA_BASE_FILE).read_text())["reward_sha"] == trained
+    card = model_card(lora_files.read_lora(str(tmp_path / "copied")), "diffusers", [], "lowmem-alignprop export")
+    assert f"| reward | {reward}:score, source sha256 {trained}... |" in card  # (no summary.json beside a copy)
     assert main(["export", "--lora", str(tmp_path / "copied"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     named = {"copied": ["--lora", str(tmp_path / "copied")], "merged": ["--model", str(tmp_path / "merged")],
              "checkpoint": ["--lora", str(ckpt.find_resume(run, "latest"))]}

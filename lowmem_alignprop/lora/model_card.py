@@ -55,6 +55,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "auto_fit", "resume_changes", "t5_tokens", "best_evaluation", "software", "reward_sha"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
+    if "reward_sha" not in info and isinstance(recorded.get("reward_sha"), str):  # a copy: as its record keeps it
+        info["reward_sha"] = recorded["reward_sha"]
     limit = s.get("time_limit")  # --max-minutes stopped it: the limit, the step, of how many
     if isinstance(limit, dict) and isinstance(limit.get("stopped_at"), int) and isinstance(s.get("steps"), int) \
             and isinstance(limit.get("max_minutes"), int | float):
