@@ -82,16 +82,22 @@ def test_sample_of_a_flux_file_with_clip_layers_in_other_names_renders_as_its_di
     """`sample --lora` of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) or ComfyUI's (under
     text_encoders.clip_l.; with its modulation layers sample hands either to diffusers' FLUX kohya reader, in kohya's
     names) renders what a plain FluxPipeline renders with its diffusers twin loaded (CLIP-L's layers applied to the
-    prompt): the same prompt, seed and settings; without CLIP's layers the image differs."""
+    prompt): the same prompt, seed and settings; without CLIP's layers the image differs. The prompt is encoded
+    twice (base and adapted CLIP-L) but T5 runs once: its outputs are the same (flow.T5Outputs)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
 
     file = tmp_path / f"{layout}.safetensors"
     (_kohya_twin if layout == "kohya" else _comfy_twin)(with_clip, file)
     settings = ["--profile", "cpu", "--seed", "0", "--model", str(with_clip["base"]), "--set", f"resolution={RES}",
                 "--set", "sample_steps=4", "--set", "guidance_scale=3.5", "--set", "max_sequence_length=16",
                 "--images-per-prompt", "1", "--reward", "brightness"]
+    t5_calls, forward = [], T5EncoderModel.forward
+    monkeypatch.setattr(T5EncoderModel, "forward", lambda self, *a, **k: t5_calls.append(1) or forward(self, *a, **k))
     seed, _, image = sampled(tmp_path, monkeypatch, file, *settings)
+    assert len(t5_calls) == 1  # (one prompt, one chunk: the adapted encoding read T5's first output)
+    monkeypatch.setattr(T5EncoderModel, "forward", forward)
 
     def render(lora):
         pipe = _pipe(with_clip["base"], lora)

@@ -7,7 +7,8 @@ runs wherever training runs under the same profile:
    never in host memory together;
    A LoRA with CLIP text-encoder layers (FLUX.1's CLIP-L, SD3's CLIP-L and CLIP-G) has them loaded into the encoders
    first, mixed at the LoRAs' weights, and the set is encoded twice: by the base encoders (the base images) and by
-   the adapted ones (the LoRA images), as a diffusers pipeline with the LoRAs loaded would encode it;
+   the adapted ones (the LoRA images), as a diffusers pipeline with the LoRAs loaded would encode it; T5, which no
+   LoRA adapts, runs in the first only (models/flow.T5Outputs);
 2. the LoRA adapters are loaded into the transformer (``adapters.load_adapters``), then ``block_swap``'s blocks are
    hooked (memory/block_swap.py) and the rest of the transformer goes to the device (``model_to``);
 3. each batch: the diffusers pipeline with the cached embeddings (``prompt_embeds``, ``pooled_prompt_embeds``,

@@ -12,6 +12,7 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -326,11 +327,14 @@ def encode_then_read(comps, place, device, cfg, prompts, dtype, prepare=(None,))
     if comps.meta:
         materialize_meta(comps, device, cfg.seed, text_only=True)
     pipe, embeds = family.make_pipeline(comps), []
+    t5 = flow.T5Outputs(pipe)  # a second encoding of the set reads T5's first outputs: no LoRA adapts T5
     for i, step in enumerate(prepare):
         if step is not None:
             step(pipe)
         embeds.append(family.prompt_encoder(pipe, comps, place, device, cfg, prompts, final=i == len(prepare) - 1))
-        embeds[-1].encode_all()  # (the last frees the encoders)
+        with t5.kept() if i == 0 and len(prepare) > 1 else t5.reused() if i else contextlib.nullcontext():
+            embeds[-1].encode_all()  # (the last frees the encoders)
+    del t5  # (T5-XXL is freed before the transformer is read)
     read_transformer(comps)  # a checkpoint's, block by block to the device (block swap's blocks to the CPU)
     if comps.meta:  # random weights drawn on the device, never initialised on the CPU
         materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=dtype, host_blocks=cfg.block_swap,

@@ -24,6 +24,7 @@ KL term runs with the adapters off).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -88,6 +89,59 @@ class FlowEmbeds(BatchedTensors):
 def _text_encoders(pipe) -> tuple:
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return tuple(m for m in (getattr(pipe, n, None) for n in names) if m is not None)
+
+
+class T5Outputs:
+    """T5's outputs of one encoding of a prompt set, kept in host memory by their token ids, for a second encoding of
+    the same set by the same pipeline (``sample`` of a LoRA with CLIP layers encodes it with the base encoders, then
+    with the adapted ones): no loader puts a LoRA on T5 (lora_args refuses T5 layers), so its outputs are the same,
+    and T5-XXL (4.7B parameters; minutes on a CPU with ``encode_on_cpu``) runs once. :meth:`kept` records them
+    (a forward hook: the pipeline calls its T5 with the token ids first), :meth:`reused` returns them in place of
+    T5's forward; token ids not kept run T5."""
+
+    def __init__(self, pipe):
+        self.t5 = next((m for m in _text_encoders(pipe) if type(m).__name__.startswith("T5")), None)
+        self.outputs: dict[bytes, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(ids) -> bytes | None:
+        return repr(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes() if isinstance(ids, torch.Tensor) else None
+
+    @contextlib.contextmanager
+    def kept(self):
+        def keep(module, args, output):
+            if args and (key := self._key(args[0])) is not None:
+                self.outputs[key] = output[0].detach().to("cpu", copy=True)  # (host memory: the device is freed)
+
+        handle = self.t5.register_forward_hook(keep) if self.t5 is not None else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def reused(self):
+        t5, forward = self.t5, getattr(self.t5, "forward", None)
+        own = vars(t5).get("forward") if t5 is not None else None  # (a forward set on the instance: kept)
+
+        def kept_output(input_ids=None, *args, **kwargs):
+            if (out := self.outputs.get(self._key(input_ids))) is None:
+                return forward(input_ids, *args, **kwargs)
+            return (out.to(input_ids.device),)  # (the pipelines read [0]: the last hidden state)
+
+        if t5 is not None:
+            t5.forward = kept_output
+        try:
+            yield
+        finally:
+            if t5 is not None:
+                if own is None:
+                    del t5.forward  # (the class's forward again)
+                else:
+                    t5.forward = own
+            self.t5, forward = None, None  # (no reference left: the set is encoded, T5 may be freed)
+            self.outputs.clear()
 
 
 @torch.no_grad()
