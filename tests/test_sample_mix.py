@@ -63,6 +63,27 @@ def three(tmp_path_factory, tiny_dir):
     return [runs[0]["lora"], next(kohya.glob("*.safetensors")), peft]
 
 
+def test_a_mix_of_loras_all_at_weight_0_renders_the_base_once_and_says_so(three, tmp_path, monkeypatch, caplog):
+    """`sample --lora A:0 --lora B:0`: the LoRA row is the base model's images, rendered once (it rendered them twice,
+    unsaid), and the results say a difference of 0."""
+    import json
+    import logging
+
+    import lowmem_alignprop.commands.evaluate as ev
+
+    made, generate = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: made.append(generate(*a, **k)) or made[-1])
+    out = tmp_path / "s"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", "--profile", "cpu", "--reward", "brightness", "--prompt", "cat", "--output-dir",
+                     str(out), "--lora", f"{three[0]}:0", "--lora", f"{three[1]}:0"]) == 0
+    assert len(made) == 1
+    assert "every --lora is at weight 0, which adds nothing: the LoRA images are the base model's (rendered once)" \
+        in caplog.text
+    r = json.loads((out / "sample_results.json").read_text())
+    assert r["difference"] == 0 and r["lora_mean"] == r["base_mean"]
+
+
 def _deltas(tiny_dir, lora) -> dict[str, torch.Tensor]:
     """Each adapted layer's weight update scale * B A as the consumers read the LoRA: diffusers' load_lora_weights
     (a lora/ folder, a kohya file), peft's PeftModel.from_pretrained (a peft folder); peft's get_delta_weight."""
