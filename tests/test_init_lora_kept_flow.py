@@ -377,3 +377,36 @@ def test_the_kohya_export_of_an_sd3_runs_kept_layer_is_refused_naming_diffusers(
     assert str(e.value) == ("--format kohya: RUN/lora also holds 1 SD3 layer its run kept as its "
                             "--init-lora had it, whose kohya names no reader we can check reads back (diffusers' SD3 "
                             "loader reads no kohya names): export --format diffusers or --format peft")
+
+
+@pytest.mark.parametrize("family, transformer", [("sd3", "transformer_blocks.0.norm1.linear"),
+                                                 ("flux", "x_embedder")])
+def test_kohya_and_peft_refusals_name_only_an_export_that_holds_the_kept_layers(family, transformer, tmp_path):
+    """A run that kept CLIP layers (no peft export: row 239) and a transformer layer no kohya export holds (SD3's,
+    or FLUX.1's x_embedder: row 238): each refusal named the other format ("--format peft: ... export --format
+    diffusers or --format kohya", "--format kohya: ... export --format diffusers or --format peft"), which refused in
+    its turn. Now each names --format diffusers alone, and nothing is written; with kohya's layers inside FLUX.1's
+    blocks the peft refusal still names kohya (which writes them)."""
+    from lowmem_alignprop.lora.lora_export import export
+    from lowmem_alignprop.lora.lora_files import Lora
+    from lowmem_alignprop.lora.lora_formats import kohya_state_dict
+
+    def layer(key, rank_in):
+        return {f"{key}.lora_A.weight": torch.zeros(2, rank_in), f"{key}.lora_B.weight": torch.zeros(rank_in, 2)}
+
+    kept = {**layer("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 32),
+            **layer(f"transformer.{transformer}", 32)}
+    lora = Lora(path=tmp_path / "lora", weights={}, config={}, base=None, run=None, family=family, kept=kept)
+    with pytest.raises(UserError) as e:
+        export(lora, "peft", tmp_path / "out")
+    assert str(e.value).endswith("which a peft adapter of the transformer cannot hold: export --format diffusers")
+    with pytest.raises(UserError) as e:
+        kohya_state_dict(lora)
+    assert str(e.value).startswith("--format kohya: ") and str(e.value).endswith(": export --format diffusers")
+    assert not (tmp_path / "out").exists()
+    clip = {k: v for k, v in kept.items() if k.startswith("text_encoder.")}
+    inside = Lora(path=tmp_path / "lora", weights={}, config={}, base=None, run=None, family="flux",
+                  kept={**clip, **layer("transformer.transformer_blocks.0.norm1.linear", 32)})
+    with pytest.raises(UserError) as e:
+        export(inside, "peft", tmp_path / "out")
+    assert str(e.value).endswith("cannot hold: export --format diffusers or --format kohya")

@@ -138,34 +138,49 @@ def kohya_state_dict(weights: dict[str, torch.Tensor], scale, family: str) -> di
     return out
 
 
-def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[str, torch.Tensor]:
+def kohya_holds(kept: dict[str, torch.Tensor], family: str) -> bool:
+    """Whether :func:`kohya_kept` writes these kept transformer layers (``Lora.kept``'s, without ``transformer.``)
+    rather than refusing them: FLUX.1's inside its blocks only (the export advice of another refusal names kohya
+    where it does)."""
+    return family == FLUX and not _outside_blocks(kept)
+
+
+def _outside_blocks(kept: dict[str, torch.Tensor]) -> list[str]:
+    """The FLUX.1 layers of ``kept`` outside its blocks (diffusers' paths), sorted."""
+    return sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
+
+
+def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str, peft_holds: bool = True
+               ) -> dict[str, torch.Tensor]:
     """A FLUX.1 run's kept transformer linears (peft names, scale folded into B: ``Lora.kept`` without its
     ``transformer.``) in kohya's names (the blocks' modulation: ``img_mod_lin``, ``txt_mod_lin``,
     ``modulation_lin``), alpha = rank, as diffusers' kohya FLUX reader reads them back. Raises UserError naming
     --format diffusers (``label``: the LoRA, for the line) for SD3's, transformer's or text encoders' (no kohya
     reader in diffusers to check them against) and for FLUX.1's layers outside the blocks (``img_in``,
     ``final_layer``...: diffusers 0.42's reader names them without ``transformer.``, and its loader then drops them
-    without a word)."""
+    without a word); and --format peft too where ``peft_holds`` (no kept text-encoder layer, which a peft adapter of
+    the transformer cannot hold: named, that export refused in its turn)."""
     from lowmem_alignprop.models.kept_lora import layer_count, them
 
+    instead = "export --format diffusers" + (" or --format peft" if peft_holds else "")
     if family != FLUX:
         n = layer_count(kept)
         raise UserError(f"--format kohya: {label} also holds {n} SD3 layer{'s' if n != 1 else ''} its run "
                         f"kept as its --init-lora had {them(n)}, whose kohya names no reader we can check reads back "
-                        "(diffusers' SD3 loader reads no kohya names): export --format diffusers or --format peft")
-    top = sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
+                        f"(diffusers' SD3 loader reads no kohya names): {instead}")
+    top = _outside_blocks(kept)
     if top:
         raise UserError(f"--format kohya: {label} also holds {len(top)} FLUX.1 layer{'s' if len(top) > 1 else ''} "
                         f"outside its blocks that its run kept as its --init-lora had {them(len(top))} (e.g. "
                         f"{quote(top[0])}: {_FLUX_TOP[top[0]]} in kohya's names), which diffusers' kohya FLUX reader "
-                        "drops without a word: export --format diffusers or --format peft")
+                        f"drops without a word: {instead}")
     out = {}
     for key in sorted(k for k in kept if k.endswith(".lora_A.weight")):
         module = key[: -len(".lora_A.weight")]
         original, _, slots = original_slot(module, family)
         if slots > 1:  # (a part of a fused module is a layer the run trains: never kept)
             raise UserError(f"--format kohya: {label} keeps {quote(module)}, a part of the fused {original}: "
-                            "export --format diffusers or --format peft")
+                            f"{instead}")
         up = kept[f"{module}.lora_B.weight"].float()
         name = kohya_name(original)
         out[f"{name}.lora_down.weight"] = kept[key].float().contiguous()

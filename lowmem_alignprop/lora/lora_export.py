@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.lora.lora_files import Lora, shared_base_record
-from lowmem_alignprop.lora.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
+from lowmem_alignprop.lora.lora_formats import (file_stem, kohya_holds_kept, write_base_record, write_diffusers,
+                                                write_kohya, write_peft)
 from lowmem_alignprop.lora.lora_merge import merge_base, merged_pipeline, shared_record, write_single_file
 from lowmem_alignprop.lora.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
@@ -166,7 +167,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
                f"{them(layer_count(encoders))}"
         if fmt == "peft":
             raise UserError(f"--format peft: {held}, which a peft adapter of the {denoiser_label(lora.flow)} cannot "
-                            "hold: export --format diffusers or --format kohya")
+                            "hold: export --format diffusers" + (" or --format kohya" if kohya_holds_kept(lora) else
+                                                                 ""))
         raise UserError(f"--single-file: {held}, and an SD3/FLUX single file holds the merged transformer alone: "
                         "export --merge without --single-file (a diffusers folder: the text encoders merged too)")
     check_out(out)

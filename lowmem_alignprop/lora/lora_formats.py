@@ -45,9 +45,10 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
         kept = parts.pop("transformer", {})  # (its kept linears: as they came, alpha = rank)
         encoders = {f"{part}.{k}": v for part, layers in parts.items() for k, v in layers.items()}
         if lora.kept and lora.family != flow_export.FLUX:  # (SD3: refused, counting every kept layer)
-            flow_export.kohya_kept({**kept, **encoders}, lora.family, str(lora.named))
+            flow_export.kohya_kept({**kept, **encoders}, lora.family, str(lora.named), peft_holds=not encoders)
         return {**flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family),
-                **(flow_export.kohya_kept(kept, lora.family, str(lora.named)) if kept else {}),
+                **(flow_export.kohya_kept(kept, lora.family, str(lora.named), peft_holds=not encoders)
+                   if kept else {}),
                 **(kohya_kept(encoders, sdxl=True) if encoders else {})}  # (CLIP-L: lora_te1_, as sd-scripts names it)
 
     converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.weights.items()})
@@ -58,6 +59,17 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
     if lora.kept:
         converted.update(kohya_kept(lora.kept, sdxl=base_family(lora) == SDXL))
     return {k: v.contiguous() for k, v in converted.items()}
+
+
+def kohya_holds_kept(lora: Lora) -> bool:
+    """Whether ``export --format kohya`` writes ``lora``'s kept layers (:func:`kohya_state_dict`) rather than refusing
+    them: a UNet's all, FLUX.1's inside its blocks (and CLIP-L's), SD3's none (flow_export.kohya_kept)."""
+    if not lora.flow:
+        return True
+    from lowmem_alignprop.lora import flow_export
+    from lowmem_alignprop.models.kept_lora import by_component
+
+    return not lora.kept or flow_export.kohya_holds(by_component(lora.kept).get("transformer", {}), lora.family)
 
 
 def kohya_kept(kept: dict[str, torch.Tensor], sdxl: bool = False) -> dict[str, torch.Tensor]:
