@@ -62,8 +62,8 @@ def _loaded(model, folder):
 
 
 def test_an_sdxl_run_that_learns_nothing_writes_back_the_whole_lora_with_both_encoders(sdxl, tmp_path):
-    """The run's lora/ and its kohya export, each loaded by diffusers' load_lora_weights, render the starting
-    LoRA's images (both sides load unfused layers, only each scale's place differs: REORDERED); without the kept
+    """The run's lora/ and its kohya export, each loaded by diffusers' load_lora_weights, and its merged single file
+    (diffusers' from_single_file), render the starting LoRA's images (both sides load unfused layers, only each scale's place differs: REORDERED); without the kept
     layers (the base + the attention layers) they are far off. lora/ names the kept encoder layers
     ``text_encoder.text_model.encoder...`` (what transformers 4 and ComfyUI's diffusers-LoRA reader name) and
     ``text_encoder_2.text_model.encoder...``, and export reads them back as the run's kept layers."""
@@ -93,6 +93,13 @@ def test_an_sdxl_run_that_learns_nothing_writes_back_the_whole_lora_with_both_en
         assert {k.split("text_model")[0] for k in f.keys() if k.startswith("lora_te")} == set(TEXT)
     assert_rel_close(_images(_loaded(sdxl["model"], exported.parent)), sdxl["images"], REORDERED,
                      "the run's kohya export in diffusers")
+    # its merged single file (the LDM layout: both encoders' kept layers fused into conditioner.embedders.0 / .1),
+    # read back by diffusers' from_single_file with the model's folder: fused in fp32 (REORDERED, as the merge tests)
+    from lowmem_alignprop.models.arch import load_single_file
+
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--single-file", "--out", str(tmp_path / "s")]) == 0
+    merged = load_single_file(next((tmp_path / "s").glob("*.safetensors")), config_dir=sdxl["model"])
+    assert_rel_close(_images(merged), sdxl["images"], REORDERED, "the run's merged single file")
 
 
 @pytest.mark.parametrize("path", ["encoder.layers.0.self_attn.v_proj", "text_model.encoder.layers.0.self_attn.v_proj"],

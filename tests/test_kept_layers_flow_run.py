@@ -195,8 +195,8 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kept_layers"] == {"text_encoder": 0, "text_encoder_2": 0, "convolutions": 1, "other_linears": 2}
     assert undocumented(summary, documented_keys(DOC.read_text(encoding="utf-8"))["summary.json"]) == []
-    # its peft export (the kept patch-embedding convolution and linears, each its own rank, in peft's own loader)
-    # and its merged model render the whole file's images too
+    # its peft export (the kept patch-embedding convolution and linears, each its own rank, in peft's own loader),
+    # its merged model and merged single file render the whole file's images too
     from peft import PeftModel
     assert main(["export", "--lora", str(run / "lora"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     pipe = _sd3_pipe(base)
@@ -204,3 +204,11 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     assert_rel_close(_sd3_render(pipe), whole, REORDERED, "the SD3 run's peft export, loaded by peft")
     assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert_rel_close(_sd3_render(_sd3_pipe(tmp_path / "merged")), whole, REORDERED, "the SD3 run's merged model")
+    # its merged single file (Stability's MMDiT layout: the kept modulation, context_embedder and patch embedding
+    # fused), read by diffusers' from_single_file with the model's folder
+    from diffusers import SD3Transformer2DModel
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--single-file", "--out", str(tmp_path / "s")]) == 0
+    pipe = _sd3_pipe(base)
+    pipe.transformer = SD3Transformer2DModel.from_single_file(str(next((tmp_path / "s").glob("*.safetensors"))),
+                                                              config=str(base), subfolder="transformer")
+    assert_rel_close(_sd3_render(pipe), whole, REORDERED, "the SD3 run's merged single file")
