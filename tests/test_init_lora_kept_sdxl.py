@@ -63,10 +63,11 @@ def _loaded(model, folder):
 
 def test_an_sdxl_run_that_learns_nothing_writes_back_the_whole_lora_with_both_encoders(sdxl, tmp_path):
     """The run's lora/ and its kohya export, each loaded by diffusers' load_lora_weights, and its merged single file
-    (diffusers' from_single_file), render the starting LoRA's images (both sides load unfused layers, only each scale's place differs: REORDERED); without the kept
-    layers (the base + the attention layers) they are far off. lora/ names the kept encoder layers
-    ``text_encoder.text_model.encoder...`` (what transformers 4 and ComfyUI's diffusers-LoRA reader name) and
-    ``text_encoder_2.text_model.encoder...``, and export reads them back as the run's kept layers."""
+    (diffusers' from_single_file), render the starting LoRA's images (both sides load unfused layers, only each
+    scale's place differs: REORDERED); without the kept layers (the base + the attention layers) they are far off.
+    lora/ names the kept encoder layers ``text_encoder.text_model.encoder...`` (what transformers 4 and ComfyUI's
+    diffusers-LoRA reader name) and ``text_encoder_2.text_model.encoder...``, and export reads them back as the
+    run's kept layers."""
     from safetensors import safe_open
 
     from lowmem_alignprop.cli import main
