@@ -460,6 +460,26 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert expected in err[0], err[0]
 
 
+@pytest.mark.parametrize("failure", ["raise ValueError('no face found')", "sys.exit(3)"])
+def test_a_reward_that_fails_while_scoring_the_images_is_one_line(failure, tmp_path, loras, capsys):
+    """Your reward's code fails on sample's images (not on the start-up probe's two random ones: here on the LoRA
+    row's, the base row scored): one line naming the reward and which images, exit 2, nothing
+    written. It was a traceback (exit 1), and sys.exit(3) a silent exit 3."""
+    reward = tmp_path / "picky.py"
+    reward.write_text(f"import sys\n\nseen = []\n\ndef score(images, prompts):\n    seen.extend(prompts)\n"
+                      f"    if len(seen) > 2 + 3:  # the probe's 2, the base row's 3\n        {failure}\n"
+                      "    return images.mean(dim=(1, 2, 3))\n")
+    out = tmp_path / "out"
+    rc = main(["sample", *COMMON, "--lora", str(loras["a"]), "--reward", f"{reward}:score", "--prompt", "a cat",
+               "--prompt", "a dog", "--prompt", "a cow", "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    said = "ValueError while scoring the LoRA's images: no face found" if "Value" in failure else \
+        "SystemExit while scoring the LoRA's images: 3"
+    assert (rc, err) == (2, [f"error: the reward '{reward}:score' raised {said}; fix it and run sample again "
+                             "(nothing was written)"])
+    assert not out.exists()
+
+
 def test_a_sampler_the_model_cannot_run_is_refused_before_any_other_line(tmp_path, loras, tiny_dir, capsys, caplog):
     """A folder's own zero-terminal-SNR schedule at eta 1: sample refused it as training does, but only once the
     model loaded, after its line on the prompt file it renders: now its one line comes first, and nothing is

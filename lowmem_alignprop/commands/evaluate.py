@@ -33,6 +33,7 @@ import torch
 from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_sample, sample_pipeline
 from lowmem_alignprop.training import grid
+from lowmem_alignprop.rewards.base import scored_apart
 from lowmem_alignprop.lora.adapters import check_adapters_fit_meta_model, load_adapters, mix_adapters
 from lowmem_alignprop.lora.lora_args import LoraSpec
 from lowmem_alignprop.lora.lora_checks import check_lora_family, check_lora_files, warn_other_base
@@ -89,10 +90,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int, a
 
 
 @torch.no_grad()
-def score(reward, images: torch.Tensor, prompts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
+def score(reward, images: torch.Tensor, prompts: list[str], device: torch.device, batch_size: int, spec: str,
+          whose: str) -> torch.Tensor:
+    """The reward ``spec`` of every image, ``batch_size`` at a time; a failure of the user's reward's code, sys.exit
+    included, is one line naming ``whose`` images it was scoring (nothing is written then)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        out.append(reward(images[i:i + batch_size].to(device), prompts[i:i + batch_size]).float().cpu())
+        out.append(scored_apart(reward, images[i:i + batch_size].to(device), prompts[i:i + batch_size], spec,
+                                f"while scoring {whose} images", "fix it and run sample again (nothing was written)"
+                                ).cpu())
     return torch.cat(out)
 
 
@@ -258,9 +264,11 @@ def _scores(cfg, reward, base_images: torch.Tensor, lora_images: torch.Tensor | 
     """The reward of every base and LoRA image (None: no LoRA), on ``device``; a NaN or inf among them raises
     UserError."""
     reward.to(device)
-    base_r = score(reward, base_images, flat_prompts, device, cfg.batch_size)
-    lora_r = None if lora_images is None else score(reward, lora_images, flat_prompts, device, cfg.batch_size)
-    for name, r in (("the base model's" if lora_r is not None else "the model's", base_r), ("the LoRA's", lora_r)):
+    base = "the base model's" if lora_images is not None else "the model's"
+    base_r = score(reward, base_images, flat_prompts, device, cfg.batch_size, cfg.reward, base)
+    lora_r = None if lora_images is None else score(reward, lora_images, flat_prompts, device, cfg.batch_size,
+                                                     cfg.reward, "the LoRA's")
+    for name, r in ((base, base_r), ("the LoRA's", lora_r)):
         if r is not None and not torch.isfinite(r).all():  # JSON has no NaN: a result that holds one is a failure
             check = "the LoRA (a diverged run?)" if lora_r is not None else "the model"
             raise UserError(f"the reward {cfg.reward!r} scored {int((~torch.isfinite(r)).sum())} of {name} "

@@ -11,13 +11,30 @@ from typing import Callable, Sequence
 
 import torch
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, error_words
 
 
 # what a reward whose scores no image reaches did, and the fix (after its name; the start-up probe's words too)
 NOT_FROM_IMAGES = ("returned scores that do not depend on the images (their gradient never reaches them: a constant, "
                    "or a tensor made with requires_grad=True, e.g. .detach().requires_grad_()?): compute the scores "
                    "from the images")
+
+
+def scored_apart(reward, images: torch.Tensor, prompts: list[str], spec: str, when: str, fix: str, *,
+                 interrupt: type[BaseException] = KeyboardInterrupt) -> torch.Tensor:
+    """``reward``'s scores (float) of images outside a training step (the run's samples and evaluation, ``sample``'s
+    grid): any failure of the reward's code, sys.exit included, becomes one line naming ``spec``, ``when`` and
+    ``fix``; a UserError, running out of memory and ``interrupt`` pass (Ctrl-C as the command receives it: the
+    trainer's stop request raises run.stop_request.CtrlC, so a KeyboardInterrupt of the reward's own is its failure
+    there)."""
+    from lowmem_alignprop.run.faults import OOM_ERRORS
+
+    try:
+        return reward(images, prompts).float()
+    except (UserError, interrupt, *OOM_ERRORS):
+        raise
+    except BaseException as e:  # the user's code: any failure, sys.exit and KeyboardInterrupt included
+        raise UserError(f"the reward {spec!r} raised {error_words(e, when=when)}; {fix}") from None
 
 
 class ScoresNotFromImages(UserError):

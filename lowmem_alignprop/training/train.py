@@ -51,6 +51,7 @@ from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.training.evaluation import (BEST_DIR, HeldOut, WeightEMA, improvement_measure, patience_spent,
                                                   renders_note, schedule_note)
+from lowmem_alignprop.rewards.base import scored_apart
 from lowmem_alignprop.training.run_summary import TimeLeft
 from lowmem_alignprop.training.train_faults import LoopFaults
 from lowmem_alignprop.training.train_outputs import RunOutputs
@@ -381,12 +382,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
 
     def score(self, images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
-        try:
-            return self.reward(images, batch_prompts).float()
-        except (UserError, CtrlC, *faults.OOM_ERRORS):  # a KeyboardInterrupt the reward raises is its own failure
-            raise
-        except BaseException as e:  # the user's code: any failure, sys.exit and KeyboardInterrupt included
-            raise UserError(f"the reward {self.cfg.reward!r} raised {error_words(e, when=when)}; {fix}") from None
+        return scored_apart(self.reward, images, batch_prompts, self.cfg.reward, when, fix, interrupt=CtrlC)
 
     # ================================ the step ================================
     def train_step(self, step: int) -> StepOutcome:
