@@ -971,6 +971,25 @@ def test_sample_into_a_lora_or_run_folder_is_refused(tmp_path, loras, capsys):
     assert "is a training run's folder" in capsys.readouterr().err and sorted(run.iterdir()) == [run / "metrics.jsonl"]
 
 
+def test_a_loras_text_encoder_layers_of_another_width_are_named_with_their_widths(tmp_path, capsys):
+    """A kohya LoRA whose text-encoder layers are another CLIP's (32 wide, the tiny model's) sampled on the toy model
+    (64 wide): the line names the layer and both widths. transformers 5 logs the shapes in a report (quieted here)
+    and raises "You set `ignore_mismatched_sizes` to `False` ... look at the above report!", which the line said."""
+    from safetensors.torch import save_file
+
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{te}.lora_down.weight": torch.randn(2, 32), f"{te}.lora_up.weight": torch.randn(32, 2),
+               f"{te}.alpha": torch.tensor(2.0)}, str(tmp_path / "te.safetensors"))
+    out = tmp_path / "out"
+    assert main(["sample", *COMMON, "--model", "toy", "--lora", str(tmp_path / "te.safetensors"), "--num-prompts", "1",
+                 "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not out.exists(), err
+    assert ("does not fit this model: its text_encoder layers take other widths than this model's text_encoder (e.g. "
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj: 32 inputs in the LoRA, 64 or 128 here); it was "
+            "trained for another base model") in err[0], err[0]
+
+
 @pytest.mark.parametrize("error", [AssertionError(), IndexError("list index out of range")])
 def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
     """diffusers' LoRA converters assert on widths other than the real model's (a ComfyUI-saved FLUX LoRA on another

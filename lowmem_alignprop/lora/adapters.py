@@ -18,6 +18,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -56,9 +57,13 @@ def layers_in_file(path: Path) -> int:
         return sum(1 for k in f.keys() if k.endswith(LORA_DOWN_SUFFIXES))
 
 
-def misfit_detail(error: Exception) -> str:
-    """A one-line reading of diffusers/peft's error for a LoRA that does not fit the model."""
+def misfit_detail(error: Exception, pipe=None, read: Callable[[], dict] | None = None) -> str:
+    """A one-line reading of diffusers/peft's error for a LoRA that does not fit the model (``pipe`` and ``read``,
+    the LoRA's state dict as diffusers reads it: for transformers' error of a text encoder's layers, which names
+    none, :func:`_encoder_misfit`)."""
     text = str(error)
+    if "ignore_mismatched_sizes" in text and pipe is not None and read is not None:
+        text = _encoder_misfit(pipe, read) or text  # (transformers 5 logs its report of the shapes, then raises)
     found = _SIZE_MISMATCH.findall(text)
     if found:
         key, theirs, ours = found[0]
@@ -70,6 +75,28 @@ def misfit_detail(error: Exception) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # (an assert of a format converter says nothing: which loader failed, then)
     return (lines[0] if lines else f"diffusers' LoRA loader could not read its layers ({type(error).__name__})")[:200]
+
+
+def _encoder_misfit(pipe, read: Callable[[], dict]) -> str | None:
+    """Which text-encoder layer of a LoRA (``read``: its state dict as diffusers' reader names it) no layer of the
+    pipeline's encoder takes (its input width neither the encoder's hidden nor its MLP width: CLIP's layers take one
+    or the other); None where each fits (or it cannot be read: the caller's error stands)."""
+    try:
+        state = read()
+    except Exception:  # noqa: BLE001 (the reader's own failure: the error already caught says it)
+        return None
+    for key, weight in state.items():
+        part, suffix = key.split(".", 1)[0], next((s for s in LORA_DOWN_SUFFIXES if key.endswith(s)), None)
+        encoder = getattr(pipe, part, None) if part.startswith("text_encoder") else None
+        config = getattr(encoder, "config", None)
+        if suffix is None or config is None or weight.ndim != 2:
+            continue
+        widths = sorted({getattr(config, "hidden_size", 0), getattr(config, "intermediate_size", 0)} - {0})
+        if widths and weight.shape[1] not in widths:
+            layer = key.removesuffix(suffix).rstrip("._")
+            return (f"its {part} layers take other widths than this model's {part} (e.g. {layer}: "
+                    f"{weight.shape[1]} inputs in the LoRA, {' or '.join(map(str, widths))} here)")
+    return None
 
 
 def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:
@@ -136,7 +163,8 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
                 expected = layers_in_file(file)
     except MISFIT_ERRORS as e:
-        raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None
+        read = (lambda: type(pipe).lora_state_dict(str(file))[0])  # (the file as diffusers read it)
+        raise UserError(f"{flag} does not fit this model: {misfit_detail(e, pipe, read)}; {fix}") from None
     finally:
         peft_log.setLevel(level)
     got = adapted_layers(pipe, name)
@@ -165,7 +193,8 @@ def _load_encoder_layers(pipe, lora, name: str, flag: str, fix: str) -> int:
     try:
         got = load_encoder_layers(pipe, lora, name) if expected else 0
     except MISFIT_ERRORS as e:
-        raise UserError(f"{flag} does not fit this model's text encoders: {misfit_detail(e)}; {fix}") from None
+        raise UserError(f"{flag} does not fit this model's text encoders: "
+                        f"{misfit_detail(e, pipe, lambda: lora.state_dict)}; {fix}") from None
     if got < expected:
         raise UserError(f"{flag} does not fit this model: only {got} of its {expected} text-encoder layers exist "
                         f"here; {fix}")
