@@ -234,12 +234,16 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
         assert [line for line in made if line.startswith("# in ")] == [f"# in {d}" for d in dirs]
         assert made[:2 * len(dirs) + 2] == commands[:2] + [x for d, c in zip(dirs, commands[2:])
                                                            for x in (f"# in {d}", c)]
-    # an export of its own folder, named relative to it (here two/, not where the run started): `# in` it too
-    assert main(["export", "--lora", "../one/run/lora", "--format", "kohya", "--out", "relative"]) == 0
-    card = (two / "relative" / "README.md").read_text().splitlines()
-    made = card[card.index("```bash") + 1:card.index("```", card.index("```bash"))]
-    assert made[-2:] == ["# in " + str(two), "lowmem-alignprop export --lora ../one/run/lora --format kohya --out "
-                                             "relative"]
+    # an export of its own folder, named relative to it (not where the run started): `# in` it too, unless the
+    # nearest `# in` above says that folder already (a `# in` holds until the next, as a shell's cd)
+    for folder, said in ((one, [f"# in {one}"]), (two, [])):
+        monkeypatch.chdir(folder)
+        lora = "run/lora" if folder == one else "../one/run/lora"
+        assert main(["export", "--lora", lora, "--format", "kohya", "--out", "relative"]) == 0
+        card = (folder / "relative" / "README.md").read_text().splitlines()
+        made = card[card.index("```bash") + 1:card.index("```", card.index("```bash"))]
+        assert made[-3 - len(said):] == [f"# in {two}", commands[-1], *said,
+                                         f"lowmem-alignprop export --lora {lora} --format kohya --out relative"], made
     pushed = model_card(read_lora(str(run / "lora")), "kohya", ["x.safetensors"], "lowmem-alignprop export",
                         home="you/lora")
     assert "# in " not in pushed and "--output-dir run --steps 7" in pushed

@@ -222,6 +222,19 @@ def newest_step(run: Path) -> int | None:
     return ckpt.step_of(found[0]) if found else None
 
 
+def in_folders(commands: list[tuple[str | None, str]], above: list[str] = ()) -> list[str]:
+    """The card's command lines: each (folder it ran in or None, command) with a ``# in DIR`` line over it where it
+    names a relative path and DIR is not the one the nearest ``# in`` line above says (``above``: the lines over
+    these); a ``# in`` holds until the next, as a shell's cd does."""
+    out, here = [], next((line[5:] for line in reversed(above) if line.startswith("# in ")), None)
+    for folder, line in commands:
+        if folder and folder != here and has_relative_path(line, Path(folder)):
+            out.append(f"# in {folder}")
+            here = folder
+        out.append(line)
+    return out
+
+
 def training_command(lora: Lora, folders: bool = False) -> str | None:
     """The command that trained this run, as the run folder recorded it (command.txt: one line per start, a
     --resume included; ``folders``: a ``# in DIR`` line over each that names a relative path, the folder it ran in);
@@ -234,9 +247,7 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     pins, commit, sources = hub_pins(lora), init_lora_commit(lora), prompt_sources(lora)
     lines = [pinned_prompts(pinned_init_lora(pinned_command(line, pins), commit), sources) for line in lines]
     if lines and folders:
-        dirs = start_folders(lora, len(lines))
-        lines = [said for line, folder in zip(lines, dirs)
-                 for said in ([f"# in {folder}"] if folder and has_relative_path(line, Path(folder)) else []) + [line]]
+        lines = in_folders(list(zip(start_folders(lora, len(lines)), lines)))
     if lines:
         return "\n".join(lines)
     c = lora.run_config
@@ -557,9 +568,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines.append(launched)
     if train_cmd:
         lines.append(train_cmd)
-    if not home and (here := working_folder()) and has_relative_path(export_command, Path(here)):
-        lines.append(f"# in {here}")  # (the export's own folder: it may not be where the run started)
-    lines += [export_command, "```", ""] + software_lines(info)
+    # (the export's own folder: it may not be where the run started)
+    block = "\n".join(lines[len(lines) - lines[::-1].index("```bash"):]).splitlines()  # (this code block so far)
+    lines += in_folders([(None if home else working_folder(), export_command)], block) + ["```", ""] + \
+        software_lines(info)
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
