@@ -741,6 +741,67 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     assert Trainer.save_if_due(trainer, 6) is False and asked == [False, True] and trainer.held_out.stopped_at is None
 
 
+def test_under_zero3_a_reward_failing_on_one_rank_in_the_sample_grid_stops_every_ranks_render_at_that_chunk(
+        monkeypatch):
+    """ZeRO-3 on several processes renders the fixed-seed images together (each chunk's rollout gathers the
+    partitioned weights from every rank). Rank 1's reward raised on the after samples' first chunk of two: it went on
+    to write the LoRA while rank 0 rendered the second chunk, and the two met in collectives that did not match (a
+    ZeRO-3 walk met it: a gloo abort, no lora/, no summary). Now each chunk's outcome is agreed before the next: the
+    rank whose own reward worked raises AnotherProcessFailed after the first chunk (the callers then skip the
+    samples together, as they do for one process's failed reward), and no rank renders the second."""
+    import types
+
+    import torch
+
+    from lowmem_alignprop.run import distributed
+    from lowmem_alignprop.run.faults import AnotherProcessFailed
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.training.evaluation import render_fixed_seed
+    from lowmem_alignprop.training.train_samples import RunSamples
+
+    others = [0]  # what the other rank's chunk reports (distributed.worst_rank's code: 2 = it failed)
+    told = []
+    monkeypatch.setattr(distributed, "worst_rank", lambda acc, code: told.append(code) or max(code, others[0]))
+    rollouts = []
+    family = types.SimpleNamespace(
+        initial_latents=lambda cfg, n, g, device: torch.zeros(n, 4, 8, 8),
+        rollout=lambda *a, **kw: rollouts.append(1) or a[4],
+        decode=lambda vae, lat, cfg, sliced: torch.full((lat.shape[0], 3, 64, 64), 0.5))
+    own = [None]  # this rank's reward error, if any
+
+    def score(images, prompts, when, fix):
+        if own[0] is not None:
+            raise own[0]
+        return images.mean(dim=(1, 2, 3))
+
+    place = types.SimpleNamespace(to_device=lambda name, module: None, park=lambda name, module: None)
+    rank = types.SimpleNamespace(cfg=Config(), place=place, device=torch.device("cpu"), family=family,
+                                 accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext, num_processes=2),
+                                 embed=lambda prompts: torch.zeros(len(prompts), 2, 8), nograd_unet=None,
+                                 scheduler=None, vae=None, reward=None, score=score, render_together=True)
+
+    def render():
+        rollouts.clear()
+        told.clear()
+        return render_fixed_seed(lambda p, seed: RunSamples.generate(rank, p, seed), ["a", "b"], 7, chunk=1,
+                                 per_image=True)
+
+    images, rewards = render()  # every rank's reward worked: both chunks, each agreed
+    assert (len(rollouts), told, rewards.tolist()) == (2, [0, 0], [0.5, 0.5])
+    others[0] = 2  # the other rank's reward raised on the first chunk
+    with pytest.raises(AnotherProcessFailed, match=r"^another process's scoring of the fixed-seed images failed"):
+        render()
+    assert (len(rollouts), told) == (1, [0])  # the second chunk is not rendered
+    own[0] = UserError("the reward 'r' raised RuntimeError: boom")  # this rank's own: its own line
+    with pytest.raises(UserError, match="boom"):
+        render()
+    assert (len(rollouts), told) == (1, [2])  # the others heard of it before their second chunk
+    rank.render_together = False  # one process, or no ZeRO-3 (each rank renders alone): nothing asked
+    with pytest.raises(UserError, match="boom"):
+        render()
+    assert told == []
+
+
 @contextlib.contextmanager
 def ctrl_c_in(seconds: float):
     """A SIGINT to this process after ``seconds`` (from a timer thread; Python runs its handler in the main thread)."""

@@ -14,6 +14,7 @@ import torch
 from lowmem_alignprop.memory import host_allocator
 from lowmem_alignprop.run import faults, input_files
 from lowmem_alignprop.run.before_images import before_key, read_before, write_before
+from lowmem_alignprop.run.distributed import agreed_failure
 from lowmem_alignprop.run.filenames import BEFORE_FILE, SAMPLES_DIR, step_grid_name
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.settings.errors import UserError
@@ -51,7 +52,10 @@ class RunSamples:
                  fix: str = "fix it, or skip the samples with --set sample_prompts=0"):
         """Fixed-seed images and rewards with no gradient (the before/after grid): one generator for the batch, or with
         a list of seeds each image its own (its noise then does not depend on which images share its batch). A user
-        reward's error names ``when`` and ``fix`` (the held-out evaluation's own)."""
+        reward's error names ``when`` and ``fix`` (the held-out evaluation's own). Under ZeRO-3 with several processes
+        (``render_together``) every rank hears of one rank's failure in the decode or the reward before the next chunk's
+        rollout, whose weight gathers the failed rank would not join: every rank raises it (the others as
+        AnotherProcessFailed), so the callers skip the samples, or stop, together."""
         cfg, place = self.cfg, self.place
         # a render without gradients keeps its freed blocks in the heap (a third of its time was page faults)
         heap = host_allocator.wider_threshold(cfg.cpu_malloc_threshold_kib if self.device.type == "cpu" else 0)
@@ -64,10 +68,18 @@ class RunSamples:
                 g = torch.Generator().manual_seed(seed)
                 lat = self.family.initial_latents(cfg, len(batch_prompts), g, self.device)
             lat = self.family.rollout(cfg, self.nograd_unet, None, self.scheduler, lat, emb, k=0, generator=g)
-            place.to_device("vae", self.vae)
-            place.to_device("reward", self.reward)
-            imgs = self.family.decode(self.vae, lat, cfg, sliced=True)
-            r = self.score(imgs, batch_prompts, when, fix)
+            failed = None
+            try:
+                place.to_device("vae", self.vae)
+                place.to_device("reward", self.reward)
+                imgs = self.family.decode(self.vae, lat, cfg, sliced=True)
+                r = self.score(imgs, batch_prompts, when, fix)
+            except Exception as e:  # (a CtrlC is every rank's: the stop request's own agreement)
+                failed = e
+            if self.render_together:
+                failed = agreed_failure(self.accelerator, failed, "scoring of the fixed-seed images")
+            if failed is not None:
+                raise failed
             place.park("vae", self.vae)
             place.park("reward", self.reward)
         return imgs.float().cpu(), r.cpu()
