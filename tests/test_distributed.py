@@ -335,6 +335,61 @@ def test_under_a_launcher_max_minutes_stops_every_rank_after_rank_0s_step_and_re
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+ZERO3_CLOCKS = RANKS_CLOCKS + """
+from lowmem_alignprop.run import distributed
+
+sized = distributed.size_buckets
+
+def every_weight_partitioned(accelerator, params):  # (DeepSpeed keeps weights under 1e5 whole: all the tiny model's)
+    sized(accelerator, params)
+    accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+
+distributed.size_buckets = every_weight_partitioned
+steps_reward = reward
+
+def reward(images, prompts):  # rank 1's reward raises on the after samples where QA_AFTER_FAILS is set
+    if ahead[0] and not torch.is_grad_enabled() and os.environ.get("RANK") == "1" and os.environ.get("QA_AFTER_FAILS"):
+        raise RuntimeError("rank 1 after-samples boom")
+    return steps_reward(images, prompts)
+"""
+
+
+@pytest.mark.slow  # two ZeRO-3 launches, 50-60 s of one worker; the in-process test of the per-chunk agreement above
+@needs_deepspeed  # covers the rule, test_time_limit's the rank 0 decision
+def test_zero3_max_minutes_stops_both_ranks_writes_the_gathered_lora_and_resumes(ddp, tmp_path):
+    """ZeRO-3 on 2 processes, every weight partitioned, --max-minutes 30 with steps of 10 minutes on rank 0 and 16.7
+    on rank 1 (as in the data-parallel test above): both stop after rank 0's step 2, every rank's partition of step 2's
+    checkpoint is kept, and lora/ holds the LoRA gathered whole. Rank 1's reward raises on the after samples' first
+    chunk of two: every rank leaves them out (rank 1 alone did, and went on to gather the LoRA while rank 0 rendered
+    the second chunk: a gloo abort, no lora/, no summary). --resume latest trains steps 3-4 to the LoRA that plain
+    data parallel trains (ZeRO-3's reduction rounds otherwise: within _same_training's 1e-4)."""
+    (tmp_path / "qa_clock.py").write_text(ZERO3_CLOCKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = tmp_path / "run"
+    cmd = [*LAUNCH, "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+           "--output-dir", str(out), "--steps", "4", "--set", "sample_prompts=33", "--reward", "qa_clock:reward"]
+    r = subprocess.run([*cmd, "--max-minutes", "30"], capture_output=True, text=True, timeout=300,
+                       env={**env, "QA_AFTER_FAILS": "1"})
+    said = r.stdout + r.stderr
+    assert r.returncode == 0 and "Traceback" not in said and "terminate called" not in said, said[-3000:]
+    assert said.count("time limit: stopped after step 2 of 4") == 1, said[-3000:]
+    assert "another process's scoring of the fixed-seed images failed" in said, said[-3000:]
+    assert [row["step"] for row in strict_rows(out)] == [1, 2]
+    saved = ckpt.find_resume(out, "latest")
+    assert saved.name == "step-00000002"
+    assert sorted(p.name for p in (saved / "deepspeed" / "state").iterdir()) == [
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["time_limit"]["stopped_at"] == 2 and summary["samples_skipped"] == "the reward failed on them"
+    whole, kept = lora(out), load_file(str(saved / "trainable.safetensors"))
+    assert len(whole) == len(kept) and all(v.numel() > 0 for v in whole.values())  # gathered, not partitions
+    assert sorted(v.numel() for v in whole.values()) == sorted(v.numel() for v in kept.values())
+    r = subprocess.run([*cmd, "--resume", "latest", "--max-minutes", "0"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _same_training("zero3 stopped and resumed", out, ddp)
+
+
 # the before/after samples (the trains test reads them); every run compared with the ZeRO-2 one draws them too
 SAMPLES = ["--set", "sample_prompts=2"]
 Z2 = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", *SAMPLES]
