@@ -796,6 +796,55 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     assert Trainer.save_if_due(trainer, 6) is False and asked == [False, True] and trainer.held_out.stopped_at is None
 
 
+class RenderingRank:
+    """One of the ranks that render ZeRO-3's fixed-seed images together, in this process: RunSamples.generate on
+    stand-ins (each chunk's rollout counted), distributed.worst_rank patched to report ``others`` (2: another rank's
+    chunk failed) and record what this rank told (``told``); ``own``: this rank's reward error; ``in_rollout``: run
+    in the first chunk's rollout (a signal arriving there)."""
+
+    def __init__(self, monkeypatch):
+        import types
+
+        import torch
+
+        from lowmem_alignprop.run import distributed
+        from lowmem_alignprop.training.train_samples import RunSamples
+
+        self.others, self.own, self.told, self.rollouts, self.in_rollout = 0, None, [], [], lambda: None
+        monkeypatch.setattr(distributed, "worst_rank", lambda acc, code: self.told.append(code) or max(code,
+                                                                                                      self.others))
+
+        def rollout(*args, **kw):
+            self.rollouts.append(1)
+            if len(self.rollouts) == 1:
+                self.in_rollout()
+            return args[4]
+
+        def score(images, prompts, when, fix):
+            if self.own is not None:
+                raise self.own
+            return images.mean(dim=(1, 2, 3))
+
+        family = types.SimpleNamespace(initial_latents=lambda cfg, n, g, device: torch.zeros(n, 4, 8, 8),
+                                       rollout=rollout,
+                                       decode=lambda vae, lat, cfg, sliced: torch.full((lat.shape[0], 3, 64, 64), 0.5))
+        place = types.SimpleNamespace(to_device=lambda name, module: None, park=lambda name, module: None)
+        self.rank = types.SimpleNamespace(
+            cfg=Config(), place=place, device=torch.device("cpu"), family=family, nograd_unet=None, scheduler=None,
+            accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext, num_processes=2), vae=None, reward=None,
+            embed=lambda prompts: torch.zeros(len(prompts), 2, 8), score=score, render_together=True,
+            stop=types.SimpleNamespace(raise_if_agreed=lambda acc: None))
+        self.generate = lambda prompts, seed: RunSamples.generate(self.rank, prompts, seed)
+
+    def render(self):
+        """The two prompts' images, a chunk each."""
+        from lowmem_alignprop.training.evaluation import render_fixed_seed
+
+        self.rollouts.clear()
+        self.told.clear()
+        return render_fixed_seed(self.generate, ["a", "b"], 7, chunk=1, per_image=True)
+
+
 def test_under_zero3_a_reward_failing_on_one_rank_in_the_sample_grid_stops_every_ranks_render_at_that_chunk(
         monkeypatch):
     """ZeRO-3 on several processes renders the fixed-seed images together (each chunk's rollout gathers the
@@ -804,57 +853,60 @@ def test_under_zero3_a_reward_failing_on_one_rank_in_the_sample_grid_stops_every
     ZeRO-3 walk met it: a gloo abort, no lora/, no summary). Now each chunk's outcome is agreed before the next: the
     rank whose own reward worked raises AnotherProcessFailed after the first chunk (the callers then skip the
     samples together, as they do for one process's failed reward), and no rank renders the second."""
-    import types
-
-    import torch
-
-    from lowmem_alignprop.run import distributed
     from lowmem_alignprop.run.faults import AnotherProcessFailed
     from lowmem_alignprop.settings.errors import UserError
-    from lowmem_alignprop.training.evaluation import render_fixed_seed
-    from lowmem_alignprop.training.train_samples import RunSamples
 
-    others = [0]  # what the other rank's chunk reports (distributed.worst_rank's code: 2 = it failed)
-    told = []
-    monkeypatch.setattr(distributed, "worst_rank", lambda acc, code: told.append(code) or max(code, others[0]))
-    rollouts = []
-    family = types.SimpleNamespace(
-        initial_latents=lambda cfg, n, g, device: torch.zeros(n, 4, 8, 8),
-        rollout=lambda *a, **kw: rollouts.append(1) or a[4],
-        decode=lambda vae, lat, cfg, sliced: torch.full((lat.shape[0], 3, 64, 64), 0.5))
-    own = [None]  # this rank's reward error, if any
-
-    def score(images, prompts, when, fix):
-        if own[0] is not None:
-            raise own[0]
-        return images.mean(dim=(1, 2, 3))
-
-    place = types.SimpleNamespace(to_device=lambda name, module: None, park=lambda name, module: None)
-    rank = types.SimpleNamespace(cfg=Config(), place=place, device=torch.device("cpu"), family=family,
-                                 accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext, num_processes=2),
-                                 embed=lambda prompts: torch.zeros(len(prompts), 2, 8), nograd_unet=None,
-                                 scheduler=None, vae=None, reward=None, score=score, render_together=True)
-
-    def render():
-        rollouts.clear()
-        told.clear()
-        return render_fixed_seed(lambda p, seed: RunSamples.generate(rank, p, seed), ["a", "b"], 7, chunk=1,
-                                 per_image=True)
-
-    images, rewards = render()  # every rank's reward worked: both chunks, each agreed
-    assert (len(rollouts), told, rewards.tolist()) == (2, [0, 0], [0.5, 0.5])
-    others[0] = 2  # the other rank's reward raised on the first chunk
+    ranks = RenderingRank(monkeypatch)
+    images, rewards = ranks.render()  # every rank's reward worked: both chunks, each agreed
+    assert (len(ranks.rollouts), ranks.told, rewards.tolist()) == (2, [0, 0], [0.5, 0.5])
+    ranks.others = 2  # the other rank's reward raised on the first chunk
     with pytest.raises(AnotherProcessFailed, match=r"^another process's scoring of the fixed-seed images failed"):
-        render()
-    assert (len(rollouts), told) == (1, [0])  # the second chunk is not rendered
-    own[0] = UserError("the reward 'r' raised RuntimeError: boom")  # this rank's own: its own line
+        ranks.render()
+    assert (len(ranks.rollouts), ranks.told) == (1, [0])  # the second chunk is not rendered
+    ranks.own = UserError("the reward 'r' raised RuntimeError: boom")  # this rank's own: its own line
     with pytest.raises(UserError, match="boom"):
-        render()
-    assert (len(rollouts), told) == (1, [2])  # the others heard of it before their second chunk
-    rank.render_together = False  # one process, or no ZeRO-3 (each rank renders alone): nothing asked
+        ranks.render()
+    assert (len(ranks.rollouts), ranks.told) == (1, [2])  # the others heard of it before their second chunk
+    ranks.rank.render_together = False  # one process, or no ZeRO-3 (each rank renders alone): nothing asked
     with pytest.raises(UserError, match="boom"):
-        render()
-    assert told == []
+        ranks.render()
+    assert ranks.told == []
+
+
+def test_under_zero3_a_stop_request_skips_the_after_samples_on_every_rank_at_the_same_chunk(monkeypatch):
+    """A Ctrl-C while ZeRO-3's processes rendered the after samples together raised at once wherever each process
+    was (the after samples' raise_now): one left a weight gather the other still waited in, and the run that had
+    trained every step ended in a gloo abort and the launcher's failure report (a ZeRO-3 walk met it). Now the signal
+    is raised at the end of the chunk being rendered, on every process together (a stop request of any one of them,
+    agreed); and a request that came before the after samples skips them on every process, not on its own alone."""
+    import signal
+    import types
+
+    from lowmem_alignprop.run import distributed
+    from lowmem_alignprop.run.stop_request import StopRequest
+    from lowmem_alignprop.training.train_outputs import RunOutputs
+
+    asked = {}  # each rank's stop code (distributed.first_rank_with's): the other rank's, and this one's as asked
+    monkeypatch.setattr(distributed, "first_rank_with", lambda acc, code: next(
+        ((rank, c) for rank, c in sorted({**asked, 0: code}.items()) if c), None))
+    ranks = RenderingRank(monkeypatch)
+    stop = ranks.rank.stop = StopRequest()
+    trainer = types.SimpleNamespace(stop=stop, accelerator=ranks.rank.accelerator, render_together=True, step=4,
+                                    cfg=Config(steps=4), held_out=None, before=object(), samples_skipped=None,
+                                    grid_of=None, last_update=4, fidelity_before=None, is_main=True,
+                                    render_or_skip=lambda render, what, smaller: render(), render_samples=ranks.render)
+    ranks.in_rollout = lambda: stop._handle(signal.SIGINT, None)  # Ctrl-C in the first chunk's rollout
+    assert RunOutputs.sample_after(trainer) is None
+    assert trainer.samples_skipped == "SIGINT while they were rendered"
+    # the first chunk was rendered to its end and its outcome agreed (as on every rank), then the stop; no second
+    assert (len(ranks.rollouts), ranks.told) == (1, [0])
+    assert not stop.raise_now and not stop.raise_together
+    # a SIGTERM a scheduler sent rank 1 alone, before the after samples: this rank renders none either
+    stop, asked[1] = StopRequest(), int(signal.SIGTERM)
+    trainer.stop, trainer.samples_skipped, ranks.in_rollout = stop, None, lambda: None
+    ranks.rollouts.clear()
+    assert RunOutputs.sample_after(trainer) is None and ranks.rollouts == []
+    assert trainer.samples_skipped == "SIGTERM on rank 1 at the run's last step"
 
 
 @contextlib.contextmanager

@@ -93,7 +93,8 @@ class StopRequest:
     aborts at once (``on_abort`` runs first: the run's lock is released); under a launcher only a second Ctrl-C does
     (its SIGTERM is how it passes the first Ctrl-C on). ``saved()``: the step of the run's newest checkpoint, or None,
     for the abort's message. With ``raise_now`` set (the after samples, which only cost time), the first signal raises
-    :class:`CtrlC` there so that the run goes straight to writing its LoRA."""
+    :class:`CtrlC` there so that the run goes straight to writing its LoRA; with ``raise_together`` (the same, where
+    the processes render together: ZeRO-3) at the next point they all reach, :meth:`raise_if_agreed`."""
 
     def __init__(self, on_abort: Callable[[], None] | None = None, saved: Callable[[], int | None] | None = None):
         self.name: str | None = None  # what asked for the stop: this process's signal, or another process
@@ -101,6 +102,7 @@ class StopRequest:
         self.on_abort = on_abort
         self.saved = saved
         self.raise_now = False
+        self.raise_together = False
         self.finishing: str | None = None  # what the run does once training is over (the first signal waits for it)
         self.writing: int | None = None  # the step of a checkpoint being written now (the abort cannot tell its fate)
 
@@ -171,6 +173,13 @@ class StopRequest:
             gone.set()  # (the watch ends)
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def raise_if_agreed(self, accelerator) -> None:
+        """With ``raise_together``: :class:`CtrlC` on every process if any was asked to stop (one collective). Processes
+        that render together (ZeRO-3's weight gathers) must stop together: one raising alone (``raise_now``) left the
+        others in a gather it never joined (a gloo abort)."""
+        if self.raise_together and self.agreed(accelerator):
+            raise CtrlC
 
     def agreed(self, accelerator) -> bool:
         """True on every rank if any rank was asked to stop (they save the same step together); a rank that was not

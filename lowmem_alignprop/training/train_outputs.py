@@ -165,13 +165,20 @@ class RunOutputs:
                                 for k, v in self.family.lora_state_dict(final).items()}, final)
 
     def sample_after(self):
-        if self.stop.name is not None:  # a stop request: the LoRA at once
+        # a stop request: the LoRA at once (under ZeRO-3, whose processes render together, any process's: one skipping
+        # the render alone left the others in its weight gathers)
+        if (self.stop.agreed(self.accelerator) if self.render_together else self.stop.name is not None):
             ended = self.step >= self.cfg.steps or (self.held_out is not None and self.held_out.exhausted)
             if ended and self.before is not None and not self.samples_skipped:  # (else a resume renders them)
                 self.samples_skipped = f"{self.stop.name} at the run's last step"  # `sample` renders them from lora/
             return None
         after = None
-        self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
+        # Ctrl-C now skips the samples: the LoRA and summary are still written (under ZeRO-3 at the end of the chunk
+        # being rendered, on every process together: RunSamples.generate)
+        self.stop.raise_now = not self.render_together
+        self.stop.raise_together = self.render_together
+        if self.render_together:
+            self.stop.finishing = "the after samples stop at the end of the images being rendered"
         try:
             if self.before is not None and self.grid_of is not None and self.grid_of[0] == self.last_update:
                 after = self.grid_of[1]  # --sample-every rendered these weights at the last step: the same images
@@ -186,9 +193,11 @@ class RunOutputs:
             log.warning("%s (the before/after samples are left out)", e)
             self.samples_skipped = "the reward failed on them"
         except CtrlC:
-            log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
+            if self.is_main:  # (under ZeRO-3 every process rendered them)
+                log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
             self.samples_skipped = f"{self.stop.name} while they were rendered"
-        self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
+        self.stop.raise_now = self.stop.raise_together = False  # from here a stop request changes nothing: the LoRA
+        # is being written
         self.stop.finishing = "training is over, the LoRA and summary are being written"
         return after
 

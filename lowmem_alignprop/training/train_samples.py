@@ -80,6 +80,8 @@ class RunSamples:
                 failed = agreed_failure(self.accelerator, failed, "scoring of the fixed-seed images")
             if failed is not None:
                 raise failed
+            if self.render_together:  # (the after samples: a stop request skips the rest, every process together)
+                self.stop.raise_if_agreed(self.accelerator)
             place.park("vae", self.vae)
             place.park("reward", self.reward)
         return imgs.float().cpu(), r.cpu()
