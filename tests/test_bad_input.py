@@ -549,6 +549,30 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
     resume_rules.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
 
 
+def test_a_deepspeed_checkpoint_resumed_with_the_other_optimizer_state_is_refused_before_any_model_loads(trained,
+                                                                                                         tmp_path):
+    """Under DeepSpeed, offload picks the optimizer beside `optimizer`: torch's AdamW without it, DeepSpeed's CPU Adam
+    with it. A ZeRO-3 run resumed with --set offload=params was warned "offload was 'none' in the checkpoint, now
+    'params'", loaded AdamW's state into CPU Adam and died in step 3 in a KeyError traceback ('bias_correction'; a
+    ZeRO-3 walk met it). Now one line before any model loads; offload=optimizer -> params (CPU Adam both) goes on."""
+    import re
+
+    state = ckpt.read_state(ckpt.find_resume(trained, "latest"))
+    state["config"] = {**state["config"], "deepspeed_zero": 3, "offload": "none"}
+    path = tmp_path / "step-2"
+    with pytest.raises(UserError, match=re.escape(
+            f"checkpoint {path} was trained with offload='none', this run has offload='params': its optimizer state "
+            "is AdamW's, this run would step with DeepSpeedCPUAdam: resume with --set offload=none, or start a new run "
+            f"in another --output-dir (--init-lora {path} starts it from this LoRA)")):
+        resume_rules.check_config(state, Config(deepspeed_zero=3, offload="params", steps=4), path)
+    state["config"]["offload"] = "optimizer"  # and back: CPU Adam's state in torch's AdamW
+    with pytest.raises(UserError, match="offload='optimizer', this run has offload='none': its optimizer state is "
+                                        "DeepSpeedCPUAdam's, this run would step with AdamW: resume with --set "
+                                        "offload=optimizer"):
+        resume_rules.check_config(state, Config(deepspeed_zero=3, steps=4), path)
+    resume_rules.check_config(state, Config(deepspeed_zero=3, offload="params", steps=4), path)  # CPU Adam both
+
+
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch):
     from lowmem_alignprop.training import train_setup
     from lowmem_alignprop.models.tiny import build_tiny_pipeline

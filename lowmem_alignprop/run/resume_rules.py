@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lowmem_alignprop.memory.optim import optimizer_class
 from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, flag_value
@@ -101,6 +102,7 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                      and cfg.train_unet == "lora" else "")
             raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
                             f"resume with --set {name}={theirs}, or start a new run in another --output-dir{carry}")
+    check_optimizer_state(saved, cfg, path)
     theirs, ours = int(state.get("world_size", 1)), world_size()
     if saved.get("deepspeed_zero") and theirs != ours:  # each process holds its own partition of the state
         how = ("without a launcher (python -m lowmem_alignprop ...)" if theirs == 1 else
@@ -149,6 +151,21 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         was, now = (flag_value(v) if isinstance(v, list) else v for v in (saved[n], getattr(cfg, n)))  # (sizes)
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, was, now, CHANGE_NOTES.get(n, ""))
+
+
+def check_optimizer_state(saved: dict[str, Any], cfg, path: Path) -> None:
+    """Under DeepSpeed, ``offload`` decides the optimizer class beside ``optimizer`` (DeepSpeed's CPU Adam with the
+    state offloaded): a resume must step with the class whose state the checkpoint holds (torch's AdamW state in CPU
+    Adam stopped the first step in a KeyError, 'bias_correction')."""
+    offload = saved.get("offload", "none")
+    was = optimizer_class(saved.get("optimizer", cfg.optimizer), saved.get("deepspeed_zero", 0), offload)
+    now = optimizer_class(cfg.optimizer, cfg.deepspeed_zero, cfg.offload)
+    if was != now:
+        carry = f" (--init-lora {path} starts it from this LoRA)" if cfg.train_unet == "lora" else ""
+        raise UserError(f"checkpoint {path} was trained with offload={offload!r}, this run has offload={cfg.offload!r}:"
+                        f" its optimizer state is {was.rsplit('.', 1)[-1]}'s, this run would step with "
+                        f"{now.rsplit('.', 1)[-1]}: resume with --set offload={offload}, or start a new run in another "
+                        f"--output-dir{carry}")
 
 
 def changed_fields(saved: dict[str, Any], cfg) -> list[str]:
