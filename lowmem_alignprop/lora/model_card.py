@@ -224,9 +224,11 @@ def newest_step(run: Path) -> int | None:
 
 def in_folders(commands: list[tuple[str | None, str]], above: list[str] = ()) -> list[str]:
     """The card's command lines: each (folder it ran in or None, command) with a ``# in DIR`` line over it where it
-    names a relative path and DIR is not the one the nearest ``# in`` line above says (``above``: the lines over
-    these); a ``# in`` holds until the next, as a shell's cd does."""
-    out, here = [], next((line[5:] for line in reversed(above) if line.startswith("# in ")), None)
+    names a relative path and DIR is not the one the nearest ``# in`` line above says (``above``: the card's lines
+    over these, its code block from its last ```bash); a ``# in`` holds until the next, as a shell's cd does."""
+    block = "\n".join(above).splitlines()
+    block = block[len(block) - block[::-1].index("```bash"):] if "```bash" in block else block
+    out, here = [], next((line[5:] for line in reversed(block) if line.startswith("# in ")), None)
     for folder, line in commands:
         if folder and folder != here and has_relative_path(line, Path(folder)):
             out.append(f"# in {folder}")
@@ -569,8 +571,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if train_cmd:
         lines.append(train_cmd)
     # (the export's own folder: it may not be where the run started)
-    block = "\n".join(lines[len(lines) - lines[::-1].index("```bash"):]).splitlines()  # (this code block so far)
-    lines += in_folders([(None if home else working_folder(), export_command)], block) + ["```", ""] + \
+    lines += in_folders([(None if home else working_folder(), export_command)], lines) + ["```", ""] + \
         software_lines(info)
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
