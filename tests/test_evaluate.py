@@ -460,11 +460,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert expected in err[0], err[0]
 
 
-@pytest.mark.parametrize("failure", ["raise ValueError('no face found')", "sys.exit(3)"])
+@pytest.mark.parametrize("failure", ["raise ValueError('no face found')", "sys.exit(3)", "raise KeyboardInterrupt"])
 def test_a_reward_that_fails_while_scoring_the_images_is_one_line(failure, tmp_path, loras, capsys):
     """Your reward's code fails on sample's images (not on the start-up probe's two random ones: here on the LoRA
     row's, the base row scored): one line naming the reward and which images, exit 2, nothing
-    written. It was a traceback (exit 1), and sys.exit(3) a silent exit 3."""
+    written. It was a traceback (exit 1), sys.exit(3) a silent exit 3, and the reward's own KeyboardInterrupt read as
+    the user's Ctrl-C (a Ctrl-C arrives as run.stop_request.CtrlC)."""
     reward = tmp_path / "picky.py"
     reward.write_text(f"import sys\n\nseen = []\n\ndef score(images, prompts):\n    seen.extend(prompts)\n"
                       f"    if len(seen) > 2 + 3:  # the probe's 2, the base row's 3\n        {failure}\n"
@@ -473,8 +474,9 @@ def test_a_reward_that_fails_while_scoring_the_images_is_one_line(failure, tmp_p
     rc = main(["sample", *COMMON, "--lora", str(loras["a"]), "--reward", f"{reward}:score", "--prompt", "a cat",
                "--prompt", "a dog", "--prompt", "a cow", "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    said = "ValueError while scoring the LoRA's images: no face found" if "Value" in failure else \
-        "SystemExit while scoring the LoRA's images: 3"
+    said = {"raise ValueError('no face found')": "ValueError while scoring the LoRA's images: no face found",
+            "sys.exit(3)": "SystemExit while scoring the LoRA's images: 3",
+            "raise KeyboardInterrupt": "KeyboardInterrupt while scoring the LoRA's images"}[failure]
     assert (rc, err) == (2, [f"error: the reward '{reward}:score' raised {said}; fix it and run sample again "
                              "(nothing was written)"])
     assert not out.exists()

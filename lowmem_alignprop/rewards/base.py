@@ -20,18 +20,17 @@ NOT_FROM_IMAGES = ("returned scores that do not depend on the images (their grad
                    "from the images")
 
 
-def scored_apart(reward, images: torch.Tensor, prompts: list[str], spec: str, when: str, fix: str, *,
-                 interrupt: type[BaseException] = KeyboardInterrupt) -> torch.Tensor:
+def scored_apart(reward, images: torch.Tensor, prompts: list[str], spec: str, when: str, fix: str) -> torch.Tensor:
     """``reward``'s scores (float) of images outside a training step (the run's samples and evaluation, ``sample``'s
-    grid): any failure of the reward's code, sys.exit included, becomes one line naming ``spec``, ``when`` and
-    ``fix``; a UserError, running out of memory and ``interrupt`` pass (Ctrl-C as the command receives it: the
-    trainer's stop request raises run.stop_request.CtrlC, so a KeyboardInterrupt of the reward's own is its failure
-    there)."""
+    grid): any failure of the reward's code, sys.exit and a KeyboardInterrupt of its own included, becomes one line
+    naming ``spec``, ``when`` and ``fix``; a UserError, running out of memory and the user's Ctrl-C pass (the command
+    receives that as run.stop_request.CtrlC: telling_ctrl_c, a training run's stop request)."""
     from lowmem_alignprop.run.faults import OOM_ERRORS
+    from lowmem_alignprop.run.stop_request import CtrlC
 
     try:
         return reward(images, prompts).float()
-    except (UserError, interrupt, *OOM_ERRORS):
+    except (UserError, CtrlC, *OOM_ERRORS):
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit and KeyboardInterrupt included
         raise UserError(f"the reward {spec!r} raised {error_words(e, when=when)}; {fix}") from None

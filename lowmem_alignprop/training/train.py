@@ -36,7 +36,7 @@ from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LOR
 from lowmem_alignprop.run.rng_state import get_rng_state
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, metrics_line, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
-from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
+from lowmem_alignprop.run.stop_request import StopRequest
 from lowmem_alignprop.run.trackers import log_images, tracker_figures
 from lowmem_alignprop.models.sampling import draw_window
 from lowmem_alignprop.toy.fidelity import judged_prompts
@@ -382,7 +382,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
 
     def score(self, images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
-        return scored_apart(self.reward, images, batch_prompts, self.cfg.reward, when, fix, interrupt=CtrlC)
+        return scored_apart(self.reward, images, batch_prompts, self.cfg.reward, when, fix)
 
     # ================================ the step ================================
     def train_step(self, step: int) -> StepOutcome:
