@@ -319,3 +319,17 @@ def test_jpeg_quantisation_tables_are_the_ones_pillow_writes(quality):
     tables = Image.open(buf).quantization
     assert jpeg_quant_table(_JPEG_LUMA_Q, quality).flatten().tolist() == list(tables[0])
     assert jpeg_quant_table(_JPEG_CHROMA_Q, quality).flatten().tolist() == list(tables[1])
+
+
+def test_the_jpeg_dct_is_the_orthonormal_8x8_dct_jpeg_codes():
+    """dct_matrix is JPEG's 8x8 DCT-II (T.81 A.3.3: C(0) = 1/sqrt(2)): orthonormal, and a flat block of ones has the
+    DC coefficient 8 (1/4 * C(0)^2 * 64) and no AC. Without C(0) every DC coefficient came out twice JPEG's (and
+    the first row's and column's AC sqrt(2) times), and test_jpeg_surrogate_tracks_pillow's ranking still held."""
+    from lowmem_alignprop.rewards.simple import dct_matrix
+
+    d = dct_matrix(8)
+    eps = torch.finfo(torch.float32).eps * 8  # a dot product of 8 float32 terms
+    torch.testing.assert_close(d @ d.T, torch.eye(8), rtol=0, atol=eps)
+    flat = d @ torch.ones(8, 8) @ d.T
+    assert flat[0, 0].item() == pytest.approx(8.0, rel=64 * eps)
+    assert flat.flatten()[1:].abs().max().item() <= 64 * eps
