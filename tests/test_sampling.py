@@ -544,7 +544,8 @@ def test_decode_unscales_and_shifts_the_latents_and_maps_to_0_1(shift):
 
 def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
     """DRaFT-LV's first draw is the trajectory's own x0, unchanged and with its gradient (a detach there would
-    train the extra draws only)."""
+    train the extra draws only); the extra draws start from x0 without its gradient (re-noised from a constant:
+    without the detach their loss flowed back into the trajectory's window too)."""
     from diffusers import DDIMScheduler
 
     from lowmem_alignprop.models.sampling import ddim_scheduler, last_step_draws
@@ -556,8 +557,10 @@ def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
     out = last_step_draws(_EchoUNet(), sched, x0, emb, 3, guidance_scale=1.0, eta=0.0,
                           generator=torch.Generator().manual_seed(1), call=lambda f, *a: f(*a))
     assert out.shape == (6, 4, 3, 3) and torch.equal(out[:2], x0)
-    (grad,) = torch.autograd.grad(out[:2].sum(), x0)
+    (grad,) = torch.autograd.grad(out[:2].sum(), x0, retain_graph=True)
     assert torch.equal(grad, torch.ones_like(x0))
+    (extra,) = torch.autograd.grad(out[2:].sum(), x0)
+    assert torch.equal(extra, torch.zeros_like(x0))
 
 
 def test_lv_draws_sample_their_extra_last_steps_with_the_guidance_rescale():
