@@ -597,6 +597,35 @@ def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypat
     assert out["found"]["set"] == {"block_swap": 20, "batch_size": 4}
 
 
+def test_the_suggestion_drops_an_accumulated_change_the_fit_does_not_need(monkeypatch):
+    """Nothing alone fits: the search accumulates sliced decode (0.1 GiB) and halves the batch twice; the fit at
+    batch 2 needs no sliced decode, so the suggestion is the batch alone (the slow
+    test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_needs checks it on a real plan)."""
+    def needed(cfg):  # 1 GiB an image plus 1 GiB, sliced decode 0.1 GiB less
+        return (cfg.batch_size + 1 - 0.1 * cfg.sliced_decode) * GIB
+
+    class Est:
+        def __init__(self, cfg):
+            self.peak_allocated = self.peak_needed = needed(cfg)
+            self.peak_stage = "backward"
+
+        def fits(self, budget):
+            return self.peak_needed <= budget * GIB
+
+    def fake_candidates(cfg, target, start=None):
+        out = [] if cfg.sliced_decode else [("sliced decode", {"sliced_decode": True})]
+        return out + ([("batch", {"batch_size": cfg.batch_size // 2})] if cfg.batch_size > 1 else [])
+
+    monkeypatch.setattr(planner, "estimate", lambda cfg, **kw: Est(cfg))
+    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    out = planner.suggest(Config(batch_size=8, budget_gb=3.5).validate(), target="cuda")
+    assert [t["set"] for t in out["tried"]] == [
+        {"sliced_decode": True}, {"batch_size": 4},  # each alone: 8.9 and 5 GiB
+        {"sliced_decode": True, "batch_size": 4}, {"sliced_decode": True, "batch_size": 2},  # 4.9, then 2.9: fits
+        {"batch_size": 2}]  # 3 GiB: fits without sliced decode
+    assert out["found"]["set"] == {"batch_size": 2} and out["found"]["peak_needed"] == 3 * GIB
+
+
 def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, monkeypatch, capsys, tiny_dir):
     (tmp_path / "plan_rewards_mod.py").write_text(
         "def reads_values(images, prompts):\n"
