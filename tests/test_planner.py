@@ -626,6 +626,31 @@ def test_the_suggestion_drops_an_accumulated_change_the_fit_does_not_need(monkey
     assert out["found"]["set"] == {"batch_size": 2} and out["found"]["peak_needed"] == 3 * GIB
 
 
+@pytest.mark.parametrize("stage", [None, "decode"])
+def test_next_feature_offers_the_first_change_that_lowers_the_peak_by_3_percent(monkeypatch, stage):
+    """--auto-fit's next change: the cheapest that lowers the peak (``stage``: that stage's) by at least 3%; one that
+    lowers it by 2% is passed over, and so is a change of the other peak."""
+    peaks = {(): (100, 100), ("sliced_decode",): (98, 98), ("tiled_decode",): (100, 90),
+             ("unet_checkpointing",): (90, 100)}  # (peak_needed, decode's peak) in MiB, per change
+
+    class Est:
+        def __init__(self, cfg):
+            changed = tuple(k for k in ("sliced_decode", "tiled_decode") if getattr(cfg, k))
+            changed += ("unet_checkpointing",) * (cfg.unet_checkpointing == "blocks")
+            self.peak_needed, decode = (v * 2 ** 20 for v in peaks[changed])
+            self.stages = {"decode": {"allocated": decode}}
+
+    def fake_candidates(cfg, target, start=None):
+        return [("sliced decode", {"sliced_decode": True}), ("tiled decode", {"tiled_decode": True}),
+                ("UNet blocks", {"unet_checkpointing": "blocks"})]
+
+    monkeypatch.setattr(planner, "estimate", lambda cfg, **kw: Est(cfg))
+    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    label, change = planner.next_feature(Config(unet_checkpointing="call").validate(), target="cuda", stage=stage)
+    assert (label, change) == (("UNet blocks", {"unet_checkpointing": "blocks"}) if stage is None else
+                               ("tiled decode", {"tiled_decode": True}))
+
+
 def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, monkeypatch, capsys, tiny_dir):
     (tmp_path / "plan_rewards_mod.py").write_text(
         "def reads_values(images, prompts):\n"
