@@ -1308,6 +1308,19 @@ def test_pruning_keeps_the_newest_intact_checkpoints_a_damaged_one_does_not_coun
     assert len(ckpt.list_checkpoints(root)) == 2
 
 
+def test_pruning_never_removes_the_checkpoint_it_protects_and_counts_it_as_kept(tmp_path):
+    """prune's ``protect`` (the checkpoint just written) stays whatever its place and whatever verify says of it, and
+    it is one of the ``keep``: an older protected one outlives a newer intact one past the count, and a protected
+    one that reads as damaged still takes the one place of keep_checkpoints=1."""
+    root = tmp_path / "checkpoints"
+    steps = {step: _checkpoint(root, step, payload=f"weights {step}".encode()) for step in (1, 2, 3)}
+    ckpt.prune(root, 1, protect=steps[1])
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000001"]
+    (steps[3] / "manifest.json").unlink()  # protected, yet not intact
+    ckpt.prune(root, 1, protect=steps[3])
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003"]
+
+
 def test_a_kill_while_rotation_deletes_a_checkpoint_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     """keep_checkpoints' rotation deleted an old checkpoint in place: a kill midway (seen in a kill -9 walk, on a slow
     disk) left step-1 with two of its files, which --resume, export and rotation took for a damaged checkpoint and
