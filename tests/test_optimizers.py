@@ -82,6 +82,12 @@ def test_8bit_adamw_trains_lora_with_8bit_state(tiny_dir, tmp_path, captured, na
     state_bytes, adamw_bytes = sum(storages.values()), sum(8 * p.numel() for p in big)
     print(f"{name}: state of the {len(big)} big LoRA matrices {state_bytes} B vs {adamw_bytes} B with fp32 AdamW")
     assert state_bytes < 0.26 * adamw_bytes  # 2 bytes/weight + one absmax per 256 weights + two code maps
+    # ... and what the planner and the disk check count for it (memory.optim.adam8bit_state_bytes) is that state to
+    # the byte, the small tensors' fp32 moments included (the code maps are shared: not a LoRA's)
+    from lowmem_alignprop.memory.optim import adam8bit_state_bytes
+    held = sum(t.nbytes for p in params for key, t in opt.state[p].items()
+               if torch.is_tensor(t) and not key.startswith("qmap"))
+    assert adam8bit_state_bytes(params) == held
 
     # every LoRA matrix moved, and the reward rose
     changed = [not torch.equal(a, p.detach()) for a, p in zip(captured["initial"], params)]
