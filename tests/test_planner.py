@@ -662,11 +662,16 @@ def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, m
         "    return images.mean(dim=(1, 2, 3)) * (2.0 if torch.equal(images, images.flip(0)) else 1.0)\n")
     (tmp_path / "plan_rewards_mod.py").write_text("import torch\n" + (tmp_path / "plan_rewards_mod.py").read_text())
     monkeypatch.syspath_prepend(str(tmp_path))
-    for term, needle in [("reads_values", "plan cannot follow the reward 'plan_rewards_mod:reads_values' with fake "
-                                          "tensors: it failed there with DataDependentOutputException"),
-                         ("compares", "plan cannot follow the reward 'plan_rewards_mod:compares' with fake tensors"),
-                         ("raises", "raised RuntimeError: boom; fix the function")]:
-        assert main(["plan", "--profile", "cpu", "--reward", f"plan_rewards_mod:{term}"]) == 2
+    file = tmp_path / "plan_rewards_mod.py"  # given as a file: it was a traceback (ModuleNotFoundError: No module
+    # named '/.../plan_rewards_mod', from importing the path as a module to find its frames)
+    for term, needle in [("plan_rewards_mod:reads_values", "plan cannot follow the reward 'plan_rewards_mod:"
+                          "reads_values' with fake tensors: it failed there with DataDependentOutputException"),
+                         ("plan_rewards_mod:compares", "plan cannot follow the reward 'plan_rewards_mod:compares' "
+                          "with fake tensors"),
+                         ("plan_rewards_mod:raises", "raised RuntimeError: boom; fix the function"),
+                         (f"{file}:reads_values", f"plan cannot follow the reward '{file}:reads_values' with fake "
+                          "tensors: it failed there with DataDependentOutputException")]:
+        assert main(["plan", "--profile", "cpu", "--reward", term]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]
 

@@ -49,7 +49,7 @@ from ..settings.paths import per_reward_weights
 from .base import NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
-           "reward_terms", "reward_source_digest", "ALIASES", "MODEL_REWARDS"]
+           "reward_terms", "reward_source_digest", "user_reward_source", "ALIASES", "MODEL_REWARDS"]
 
 TOY_COUNT_TARGET = 2.0  # toy_count without =N
 REWARDS: dict[str, str] = {
@@ -138,17 +138,25 @@ def reward_source_digest(spec: str) -> str | None:
 
     digest, files = hashlib.sha256(), 0
     for kind, term, _ in reward_terms(spec):
-        if kind != "user":
+        if kind != "user" or (origin := user_reward_source(term)) is None:
             continue
-        module_name, _, is_file = _user_module_name(term)
         try:
-            origin = Path(module_name.strip()).expanduser() if is_file else \
-                Path(importlib.util.find_spec(module_name.strip()).origin)
             digest.update(origin.read_bytes())
             files += 1
-        except (ImportError, AttributeError, TypeError, ValueError, OSError):  # no file to read (a namespace package)
+        except OSError:
             continue
     return digest.hexdigest()[:16] if files else None
+
+
+def user_reward_source(term: str) -> Path | None:
+    """The source file of a user reward term (``path/to/file.py:fn``'s file, or ``module:fn``'s module's), absolute;
+    None where there is none to find (a namespace package, a module that cannot be found)."""
+    module_name, _, is_file = _user_module_name(term)
+    try:
+        return Path(module_name.strip()).expanduser().resolve() if is_file else \
+            Path(importlib.util.find_spec(module_name.strip()).origin).resolve()
+    except (ImportError, AttributeError, TypeError, ValueError, OSError):
+        return None
 
 
 def _import_user(term: str) -> tuple[object, str]:
