@@ -676,6 +676,34 @@ def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, m
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]
 
 
+def test_plan_json_is_alone_on_stdout_whatever_the_reward_prints(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A reward that prints (at its import, at each call: a debugging print, a library's banner) printed into plan
+    --json's stdout, ahead of the JSON: json.loads of it failed. Now its lines go to stderr, in plan --fastest's
+    worker processes too (their stdout is the same file)."""
+    import logging
+    import queue
+    import sys
+
+    from lowmem_alignprop.measure.fastest import _quiet_worker
+
+    reward = tmp_path / "chatty.py"
+    reward.write_text("print('chatty: loading my reward')\n\n\ndef score(images, prompts):\n"
+                      "    print('chatty: scoring', images.shape[0])\n    return images.mean(dim=(1, 2, 3))\n")
+    assert main(["plan", "--profile", "cpu", "--json", "--no-suggest", "--set", "resolution=16", "--reward",
+                 f"{reward}:score"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["reward"] == f"{reward}:score"
+    assert "chatty: loading my reward" in err and "chatty: scoring 2" in err  # said, where a log line goes
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # (restored after: the worker's start sets it for its process)
+    ours = logging.getLogger("lowmem_alignprop")
+    level = ours.level
+    try:
+        _quiet_worker(queue.SimpleQueue())
+        assert sys.stdout is sys.stderr
+    finally:
+        ours.setLevel(level)  # (the worker's start quiets our log for its process)
+
+
 @pytest.mark.slow  # 70 s of CPU; test_too_small_budget_does_not_fit_and_the_suggestion_fits covers the suggestion's fit
 def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_needs(tiny_dir, capsys):
     args = ["plan", "--profile", "cpu", "--set", "batch_size=5", "--set", "budget_gb=0.02", "--json"]

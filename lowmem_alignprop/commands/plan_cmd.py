@@ -3,6 +3,7 @@ printed as text or JSON. The command line (:func:`lowmem_alignprop.cli.cmd_plan`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
@@ -19,12 +20,21 @@ from lowmem_alignprop.step.prompts import configured_prompts
 logger = logging.getLogger("lowmem_alignprop")
 
 
-def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bool = False, target: str | None = None,
-              suggest_changes: bool = True, fastest: bool = False, allow_task_changes: bool = False,
-              max_estimates: int | None = None, jobs: int | None = None, auto_found_no_gpu: bool = False) -> int:
+def plan_main(cfg, profile: str, argv: list[str], *, as_json: bool = False, **options) -> int:
     """Plan ``cfg`` (profile ``profile``; ``argv``: plan's arguments as typed, for the JSON's provenance) and print
-    it (``auto_found_no_gpu``: --profile auto picked cpu, said on the plan's last line); returns the exit status
-    (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
+    it (``options``: :func:`_plan_main`'s); returns the exit status (130: a Ctrl-C ended the search for a change
+    after the plan so far was printed). With ``as_json`` the JSON is alone on stdout: what user code prints (a
+    reward's import or calls: the start-up test, the plan's step) goes to stderr; it made the JSON unreadable."""
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        return _plan_main(cfg, profile, argv, as_json=as_json, out=out, **options)
+
+
+def _plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bool, out, target: str | None = None,
+               suggest_changes: bool = True, fastest: bool = False, allow_task_changes: bool = False,
+               max_estimates: int | None = None, jobs: int | None = None, auto_found_no_gpu: bool = False) -> int:
+    """:func:`plan_main`, printing to ``out`` (``auto_found_no_gpu``: --profile auto picked cpu, said on the plan's
+    last line)."""
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     prompts = configured_prompts(cfg)
@@ -59,10 +69,10 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
             # nested: the search's own "device" is the card it timed for, this one the machine that searched
             result["provenance"] = provenance(typed, PLAN_LIBRARIES)
             result["plan"]["auto_found_no_gpu"] = auto_found_no_gpu
-            print(json.dumps(result, indent=1, default=str) if as_json else format_fastest(result))
+            print(json.dumps(result, indent=1, default=str) if as_json else format_fastest(result), file=out)
             return 0
         result = plan(cfg, profile=profile, target=target, suggest_changes=suggest_changes, log=log,
                       started=started, command=typed, interruptible=True)
     result["auto_found_no_gpu"] = auto_found_no_gpu
-    print(json.dumps(result, indent=1, default=str) if as_json else format_plan(result))
+    print(json.dumps(result, indent=1, default=str) if as_json else format_plan(result), file=out)
     return 130 if result.get("suggestion_interrupted") else 0  # (the plan so far printed, then as a Ctrl-C ends)

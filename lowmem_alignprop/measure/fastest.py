@@ -134,9 +134,11 @@ def _worker_context():
 def _quiet_worker(pids: Any) -> None:
     """A worker's start: its process id told to ``pids`` (_Workers.shutdown), the libraries quieted
     (measure/estimate_worker; a spawned worker imports it here), and our own log lines too: they would repeat the
-    search's (which reads the workers' results)."""
+    search's (which reads the workers' results). What user code prints in a worker (a reward's import or calls) goes
+    to stderr: plan --json's stdout holds the JSON alone (the results come back through the pool)."""
     import lowmem_alignprop.measure.estimate_worker  # noqa: F401
 
+    sys.stdout = sys.stderr
     pids.put(os.getpid())
     logging.getLogger("lowmem_alignprop").setLevel(logging.ERROR)
 
