@@ -330,6 +330,34 @@ def test_a_reward_that_changes_torchs_global_settings_is_set_back_and_said_once(
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
 
 
+@pytest.mark.parametrize("where", ["import", "factory"])
+def test_a_reward_whose_import_or_factory_changes_torchs_global_settings_is_set_back_and_said(where, tmp_path, caplog):
+    """A reward module that switches gradients off at its import (a library that does, a leftover inference
+    script): the start-up test then failed blaming the function, "returned scores with no gradient to the images
+    (a .detach() ... inside?)", though it had none; a factory that builds its model in float64 left the default
+    dtype float64 for the rest of the run, unsaid. Set back after the import / the build, and said (row 123's rule
+    for a call)."""
+    import logging
+
+    leaky = tmp_path / f"qa_leaky_{where}.py"
+    leaky.write_text("import torch\n" + ("torch.set_grad_enabled(False)\n" if where == "import" else "") +
+                     "\n\ndef score(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n\n\n"
+                     "def make():\n    torch.set_default_dtype(torch.float64)\n    return score\n")
+    spec = f"{leaky}:score" if where == "import" else f"{leaky}:make()"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    try:
+        check_reward_spec(spec, resolution=16)
+        assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_grad_enabled(True)
+        torch.set_default_dtype(torch.float32)
+    said = [r.getMessage() for r in caplog.records if "changed torch's global settings" in r.getMessage()]
+    expected = (f"importing file '{leaky}' changed torch's global settings (gradients enabled True -> False); set "
+                "back after its import" if where == "import" else "building it (make()) changed torch's global "
+                "settings (default dtype torch.float32 -> torch.float64); set back after building it")
+    assert said == [f"reward {spec!r}: {expected}: a reward must leave them as it found them"], said
+
+
 def exits_when_called(images, prompts=None):
     sys.exit("reward server gone")
 

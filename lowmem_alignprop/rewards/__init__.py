@@ -46,7 +46,8 @@ from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, did_you_mean, error_words, first_line
 from ..settings.image_size import height_width
 from ..settings.paths import per_reward_weights
-from .base import NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
+from .base import (NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward,
+                   callable_label, torch_state_kept)
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
            "reward_terms", "reward_source_digest", "user_reward_source", "ALIASES", "MODEL_REWARDS"]
@@ -173,7 +174,8 @@ def _import_user(term: str) -> tuple[object, str]:
         raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
     kind = "file" if file_term else "module"
     try:
-        module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
+        with torch_state_kept(term, f"importing {kind} {module_name!r}", after="after its import"):
+            module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
     except ImportError as exc:
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
         if file_term or missing != module_name and not module_name.startswith(f"{missing}."):  # its own import
@@ -255,7 +257,8 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     kwargs = _supported_options(builder, options)
     call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
-        return builder(**kwargs), call
+        with torch_state_kept(term, f"building it ({call})", after="after building it"):
+            return builder(**kwargs), call
     except (UserError, torch.cuda.OutOfMemoryError, MemoryError, CtrlC):  # out of memory stays itself
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit included

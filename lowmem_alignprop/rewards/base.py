@@ -184,6 +184,28 @@ def _said_before(fn) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "after each call"):
+    """torch's global settings as the user's code ``what`` (a reward's call, its module's import, its factory) found
+    them: one that switches gradients off or changes the default dtype (torch.set_grad_enabled,
+    torch.set_default_dtype) would change the rest of the run without a word (an import that switched gradients
+    off failed the start-up test as "no gradient to the images (a .detach() inside?)"). Said as a warning naming the
+    reward ``name``, once per ``said_once_for`` (an object; None: each time)."""
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        changed = [f"{setting} {a} -> {b}" for setting, a, b in (
+            ("gradients enabled", grad, torch.is_grad_enabled()), ("default dtype", dtype, torch.get_default_dtype()))
+            if a != b]
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        if changed and (said_once_for is None or not _said_before(said_once_for)):
+            logging.getLogger("lowmem_alignprop").warning(
+                "reward %r: %s changed torch's global settings (%s); set back %s: a reward must leave them as it "
+                "found them", name, what, ", ".join(changed), after)
+
+
 class CallableReward(RewardModule):
     """Wraps a user reward: a callable (function, ``functools.partial``, callable object or ``nn.Module``) whose
     first positional parameter takes the images; it is called ``fn(images, prompts)`` when it accepts a second
@@ -204,7 +226,7 @@ class CallableReward(RewardModule):
     def score(self, images, prompts):
         fn = self.inner if self._fn is None else self._fn
         version = images._version  # (bumped by an in-place change of the images or of a view of them)
-        with self._torch_state_kept(fn):
+        with torch_state_kept(self.name, self.call, fn):  # once per function, however often the reward is built
             scores = fn(images, prompts) if self.takes_prompts else fn(images)
         if images._version != version:  # the run keeps the images after the reward: grids, fidelity, JPEG sizes
             raise UserError(f"reward {self.name!r}: {self.call} changed its images in place (images.clamp_(), "
@@ -216,21 +238,3 @@ class CallableReward(RewardModule):
             raise UserError(f"reward {self.name!r}: called {self.call} and it returned {callable_label(scores)} "
                             f"(a {type(scores).__name__}), not a tensor of scores{factory}")
         return scores
-
-    @contextlib.contextmanager
-    def _torch_state_kept(self, fn):
-        """torch's global settings as the reward found them: one that switches gradients off or changes the default
-        dtype (torch.set_grad_enabled, torch.set_default_dtype) would change the rest of the run without a word."""
-        grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
-        try:
-            yield
-        finally:
-            changed = [f"{what} {a} -> {b}" for what, a, b in (("gradients enabled", grad, torch.is_grad_enabled()),
-                                                              ("default dtype", dtype, torch.get_default_dtype()))
-                       if a != b]
-            torch.set_grad_enabled(grad)
-            torch.set_default_dtype(dtype)
-            if changed and not _said_before(fn):  # once per function, however often the reward is built
-                logging.getLogger("lowmem_alignprop").warning(
-                    "reward %r: %s changed torch's global settings (%s); set back after each call: a reward must "
-                    "leave them as it found them", self.name, self.call, ", ".join(changed))
