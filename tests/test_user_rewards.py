@@ -330,31 +330,41 @@ def test_a_reward_that_changes_torchs_global_settings_is_set_back_and_said_once(
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
 
 
-@pytest.mark.parametrize("where", ["import", "factory"])
-def test_a_reward_whose_import_or_factory_changes_torchs_global_settings_is_set_back_and_said(where, tmp_path, caplog):
+@pytest.mark.parametrize("where", ["import", "factory", "chdir"])
+def test_a_reward_whose_import_or_factory_changes_global_settings_is_set_back_and_said(where, tmp_path, caplog,
+                                                                                       monkeypatch):
     """A reward module that switches gradients off at its import (a library that does, a leftover inference
     script): the start-up test then failed blaming the function, "returned scores with no gradient to the images
     (a .detach() ... inside?)", though it had none; a factory that builds its model in float64 left the default
-    dtype float64 for the rest of the run, unsaid. Set back after the import / the build, and said (row 123's rule
-    for a call)."""
+    dtype float64 for the rest of the run, unsaid; an import that os.chdir()s (to read its weights) sent a relative
+    --output-dir into that folder. Set back after the import / the build, and said (row 123's rule for a call)."""
     import logging
+    import os
 
     leaky = tmp_path / f"qa_leaky_{where}.py"
-    leaky.write_text("import torch\n" + ("torch.set_grad_enabled(False)\n" if where == "import" else "") +
-                     "\n\ndef score(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n\n\n"
+    (tmp_path / "elsewhere").mkdir()
+    top = {"import": "torch.set_grad_enabled(False)\n", "factory": "",
+           "chdir": f"os.chdir({str(tmp_path / 'elsewhere')!r})\n"}[where]
+    leaky.write_text("import os\nimport torch\n" + top + "\n\ndef score(images, prompts):\n"
+                     "    return images.mean(dim=(1, 2, 3))\n\n\n"
                      "def make():\n    torch.set_default_dtype(torch.float64)\n    return score\n")
-    spec = f"{leaky}:score" if where == "import" else f"{leaky}:make()"
+    spec = f"{leaky}:make()" if where == "factory" else f"{leaky}:score"
+    monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     try:
         check_reward_spec(spec, resolution=16)
         assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
+        assert os.getcwd() == str(tmp_path)
     finally:
         torch.set_grad_enabled(True)
         torch.set_default_dtype(torch.float32)
-    said = [r.getMessage() for r in caplog.records if "changed torch's global settings" in r.getMessage()]
-    expected = (f"importing file '{leaky}' changed torch's global settings (gradients enabled True -> False); set "
-                "back after its import" if where == "import" else "building it (make()) changed torch's global "
-                "settings (default dtype torch.float32 -> torch.float64); set back after building it")
+    said = [r.getMessage() for r in caplog.records if "global settings" in r.getMessage()]
+    expected = {"import": f"importing file '{leaky}' changed torch's global settings (gradients enabled True -> "
+                          "False); set back after its import",
+                "factory": "building it (make()) changed torch's global settings (default dtype torch.float32 -> "
+                           "torch.float64); set back after building it",
+                "chdir": f"importing file '{leaky}' changed the process's global settings (working directory "
+                         f"{tmp_path} -> {tmp_path / 'elsewhere'}); set back after its import"}[where]
     assert said == [f"reward {spec!r}: {expected}: a reward must leave them as it found them"], said
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import weakref
 from typing import Callable, Sequence
 
@@ -185,25 +186,40 @@ def _said_before(fn) -> bool:
 
 
 @contextlib.contextmanager
-def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "after each call"):
+def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "after each call", *,
+                     keep_cwd: bool = False):
     """torch's global settings as the user's code ``what`` (a reward's call, its module's import, its factory) found
     them: one that switches gradients off or changes the default dtype (torch.set_grad_enabled,
     torch.set_default_dtype) would change the rest of the run without a word (an import that switched gradients
-    off failed the start-up test as "no gradient to the images (a .detach() inside?)"). Said as a warning naming the
-    reward ``name``, once per ``said_once_for`` (an object; None: each time)."""
+    off failed the start-up test as "no gradient to the images (a .detach() inside?)"). ``keep_cwd`` (an import, a
+    build: before the command has read its relative paths) keeps the working directory too: an import that
+    os.chdir()ed sent a relative --output-dir there (a call's chdir moves no file: the run's paths are absolute by
+    then). Said as a warning naming the reward ``name``, once per ``said_once_for`` (an object; None: each time)."""
     grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    cwd = _working_directory() if keep_cwd else None
     try:
         yield
     finally:
+        now = _working_directory() if cwd is not None else None
         changed = [f"{setting} {a} -> {b}" for setting, a, b in (
-            ("gradients enabled", grad, torch.is_grad_enabled()), ("default dtype", dtype, torch.get_default_dtype()))
-            if a != b]
+            ("gradients enabled", grad, torch.is_grad_enabled()), ("default dtype", dtype, torch.get_default_dtype()),
+            ("working directory", cwd, now)) if a != b]
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
+        if cwd is not None and now != cwd:
+            os.chdir(cwd)
         if changed and (said_once_for is None or not _said_before(said_once_for)):
             logging.getLogger("lowmem_alignprop").warning(
-                "reward %r: %s changed torch's global settings (%s); set back %s: a reward must leave them as it "
-                "found them", name, what, ", ".join(changed), after)
+                "reward %r: %s changed %s global settings (%s); set back %s: a reward must leave them as it "
+                "found them", name, what, "the process's" if now != cwd else "torch's", ", ".join(changed), after)
+
+
+def _working_directory() -> str | None:
+    """os.getcwd(), or None where it was removed (the command says so where it reads a relative path)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 class CallableReward(RewardModule):
