@@ -482,6 +482,29 @@ def test_a_reward_that_fails_while_scoring_the_images_is_one_line(failure, tmp_p
     assert not out.exists()
 
 
+def test_a_reward_that_changes_the_working_directory_moves_no_file_of_sample(tmp_path, tiny_dir, monkeypatch, caplog):
+    """A relative --output-dir, and a reward that os.chdir()s away while it scores sample's images (not at the
+    start-up test): the grid and results went into the reward's folder (elsewhere/out), and the user's out/ stayed
+    empty. The working directory is set back after each call (said once): they are where the command was given."""
+    import logging
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    reward = tmp_path / "wanders.py"
+    reward.write_text(f"import os\n\ndef score(images, prompts):\n    if not images.requires_grad:  # (not the test)\n"
+                      f"        os.chdir({str(elsewhere)!r})\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main(["sample", *COMMON, "--model", str(tiny_dir), "--reward", f"{reward}:score", "--prompt", "a cat",
+                 "--output-dir", "out"]) == 0
+    assert json.loads((tmp_path / "out" / SAMPLE_RESULTS).read_text())["output_dir"] == str(tmp_path / "out")
+    assert list(elsewhere.iterdir()) == [] and os.getcwd() == str(tmp_path)
+    said = [r.getMessage() for r in caplog.records if "working directory" in r.getMessage()]
+    assert said == [f"reward '{reward}:score': score(images, prompts) changed the process's global settings (working "
+                    f"directory {tmp_path} -> {elsewhere}); set back after each call: a reward must leave them as it "
+                    "found them"], said
+
+
 def test_a_sampler_the_model_cannot_run_is_refused_before_any_other_line(tmp_path, loras, tiny_dir, capsys, caplog):
     """A folder's own zero-terminal-SNR schedule at eta 1: sample refused it as training does, but only once the
     model loaded, after its line on the prompt file it renders: now its one line comes first, and nothing is

@@ -174,7 +174,7 @@ def _import_user(term: str) -> tuple[object, str]:
         raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
     kind = "file" if file_term else "module"
     try:
-        with torch_state_kept(term, f"importing {kind} {module_name!r}", after="after its import", keep_cwd=True):
+        with torch_state_kept(term, f"importing {kind} {module_name!r}", after="after its import"):
             module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
     except ImportError as exc:
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
@@ -257,7 +257,7 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     kwargs = _supported_options(builder, options)
     call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
-        with torch_state_kept(term, f"building it ({call})", after="after building it", keep_cwd=True):
+        with torch_state_kept(term, f"building it ({call})", after="after building it"):
             return builder(**kwargs), call
     except (UserError, torch.cuda.OutOfMemoryError, MemoryError, CtrlC):  # out of memory stays itself
         raise

@@ -186,17 +186,15 @@ def _said_before(fn) -> bool:
 
 
 @contextlib.contextmanager
-def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "after each call", *,
-                     keep_cwd: bool = False):
+def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "after each call"):
     """torch's global settings as the user's code ``what`` (a reward's call, its module's import, its factory) found
     them: one that switches gradients off or changes the default dtype (torch.set_grad_enabled,
     torch.set_default_dtype) would change the rest of the run without a word (an import that switched gradients
-    off failed the start-up test as "no gradient to the images (a .detach() inside?)"). ``keep_cwd`` (an import, a
-    build: before the command has read its relative paths) keeps the working directory too: an import that
-    os.chdir()ed sent a relative --output-dir there (a call's chdir moves no file: the run's paths are absolute by
-    then). Said as a warning naming the reward ``name``, once per ``said_once_for`` (an object; None: each time)."""
-    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
-    cwd = _working_directory() if keep_cwd else None
+    off failed the start-up test as "no gradient to the images (a .detach() inside?)"); the working directory too,
+    from which the command reads the relative paths it was given (an import that os.chdir()ed sent a relative
+    --output-dir there, a call on sample's images its results). Said as a warning naming the reward ``name``, once
+    per ``said_once_for`` (an object; None: each time)."""
+    grad, dtype, cwd = torch.is_grad_enabled(), torch.get_default_dtype(), _working_directory()
     try:
         yield
     finally:
@@ -207,7 +205,8 @@ def torch_state_kept(name: str, what: str, said_once_for=None, after: str = "aft
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
         if cwd is not None and now != cwd:
-            os.chdir(cwd)
+            with contextlib.suppress(OSError):  # (removed meanwhile: the command says so where it reads a path)
+                os.chdir(cwd)
         if changed and (said_once_for is None or not _said_before(said_once_for)):
             logging.getLogger("lowmem_alignprop").warning(
                 "reward %r: %s changed %s global settings (%s); set back %s: a reward must leave them as it "
