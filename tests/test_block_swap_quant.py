@@ -251,7 +251,7 @@ def test_the_planner_matches_the_cpu_step_with_fp8_and_block_swap(flux_dir):
         assert est.stages[name]["allocated"] >= meas["stages"][name], name
 
 
-def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(flux_dir):
+def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(flux_dir, monkeypatch):
     """plan's candidates on a GPU target: block swap (half the blocks, with the per-block checkpointing it needs)
     after nf4 when the base is full precision, and still with a quantized base; half the blocks still on the card
     more when some are swapped (before a lower resolution, which changes the task); none once all are."""
@@ -278,6 +278,13 @@ def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(fl
     swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
     assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(swapped, "cuda"))
     assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(Config(**base).validate(), "cpu"))
+    # half the blocks still on the card: with 2 blocks that is 1 more, whatever the rule; a model of 10 blocks with 2
+    # swapped grows to 2 + 8 // 2 = 6 (one block more a try crept to the limit, an estimate each)
+    monkeypatch.setattr(fit_changes, "swappable_count", lambda cfg: 10)
+    labels = {c["block_swap"]: lab for lab, c in fit_changes.candidate_changes(
+        Config(**{**base, "resolution": 512}, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate(),
+        "cuda") if "block_swap" in c}
+    assert list(labels) == [6] and labels[6].startswith("block swap 6 of 10 blocks, was 2 ("), labels
 
 
 def test_counting_swappable_blocks_builds_and_copies_no_model(flux_dir, monkeypatch):
