@@ -53,3 +53,25 @@ def test_an_outer_checkpoint_drops_the_tensors_inside_a_nested_ones_tuple_and_di
     out.pow(2).sum().backward()
     assert len(made) == 4  # the backward made them again, in the recompute
     assert_rel_close(w.grad, w_ref.grad, SAME_OPS)  # a recompute: the same operations
+
+
+def test_checkpoint_modules_wraps_each_module_once_and_only_with_gradients_on(monkeypatch):
+    """checkpoint_modules wraps each forward in one checkpoint, counts only the modules it wrapped now, and leaves a
+    module wrapped before as it is (wrapped again, each call would nest a second checkpoint: a second recompute in
+    backward); without gradients the forward runs plain."""
+    from lowmem_alignprop.memory import recompute
+
+    opened = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda fn, *a, **k: opened.append(fn) or real(fn, *a, **k))
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(2)]
+    x = torch.randn(3, 4)
+    want = layers[1](layers[0](x))
+    assert recompute.checkpoint_modules(layers) == 2
+    assert recompute.checkpoint_modules([*layers, torch.nn.Linear(4, 4)]) == 1  # only the new one
+    out = layers[1](layers[0](x))
+    assert len(opened) == 2 and torch.equal(out, want)  # one checkpoint per module call
+    with torch.no_grad():
+        layers[0](x)
+    assert len(opened) == 2
