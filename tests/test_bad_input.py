@@ -808,6 +808,30 @@ def test_a_reward_that_fails_mid_run_keeps_the_finished_steps(tmp_path, capsys, 
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("failure", ["raise ValueError('my backward broke')", "sys.exit(3)", "raise KeyboardInterrupt"])
+def test_a_reward_whose_own_backward_fails_mid_run_is_one_line_and_keeps_the_finished_steps(failure, tmp_path, capsys):
+    """The reward's own backward (a custom autograd Function, a hook) fails at step 2 (the start-up test's backward
+    passed): it fails in the trainer's backward stage, not the reward's, and was a traceback (exit 1), or
+    "interrupted" (exit 130) for a KeyboardInterrupt. Named as the reward's, by its file among the error's frames;
+    step 1 is kept."""
+    reward = tmp_path / "qa_backward.py"
+    reward.write_text(
+        "import sys\nimport torch\n\ncalls = [0]\n\n\nclass Through(torch.autograd.Function):\n"
+        "    @staticmethod\n    def forward(ctx, x):\n        return x.clone()\n\n"
+        "    @staticmethod\n    def backward(ctx, g):\n        if calls[0] == 2:  # step 2's\n"
+        f"            {failure}\n        return g\n\n\n"
+        "def reward(images, prompts):\n    calls[0] += images.requires_grad and images.shape[0] == 1\n"
+        "    return Through.apply(images).mean(dim=(1, 2, 3))\n")
+    out = tmp_path / "run"
+    said = {"raise ValueError('my backward broke')": "ValueError: my backward broke", "sys.exit(3)": "SystemExit: 3",
+            "raise KeyboardInterrupt": "KeyboardInterrupt"}[failure]
+    line = fails(capsys, [*FAST, "--output-dir", str(out), "--reward", f"{reward}:reward", "--steps", "3"],
+                 f"step 2: the reward '{reward}:reward' raised {said} (its code, in stage backward); step 1 is saved "
+                 "in")
+    assert "--resume latest continues once it is fixed" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+
+
 def test_the_startup_reward_check_uses_the_runs_prompts_and_a_lost_gradient_mid_run_is_named(tmp_path, capsys,
                                                                                               monkeypatch):
     mods = tmp_path / "mods"

@@ -417,21 +417,14 @@ def _autocast_for(cfg: Config, cuda: bool, dtype: torch.dtype, emulate: bool):
 def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
     """A user reward that failed on fake tensors (it reads values: .item(), float(t), a branch on a value): one
     line naming it, instead of the fake-tensor traceback. Other errors are left as they are."""
-    import traceback
-    from pathlib import Path
+    from lowmem_alignprop.rewards import user_term_in_traceback
 
-    from lowmem_alignprop.rewards import reward_terms, user_reward_source
-
-    frames = {Path(frame.filename).resolve() for frame in traceback.extract_tb(error.__traceback__)}
-    for kind, term, _ in reward_terms(spec):
-        if kind != "user":
-            continue
-        if user_reward_source(term) in frames:  # (a file reward's 'path/to/file.py' is no module to import)
-            raise UserError(f"plan cannot follow the reward {term!r} with fake tensors: it failed there with "
-                            f"{type(error).__name__} ({first_line(error, 120)}), usually because it reads tensor "
-                            "values (.item(), float(t), an if on a value), which a plan has no data for. Plan with "
-                            "--reward brightness and add your reward model's own memory, or keep the reward to "
-                            "tensor operations") from None
+    if (term := user_term_in_traceback(spec, error)) is not None:  # (a file reward too: it was imported as a module)
+        raise UserError(f"plan cannot follow the reward {term!r} with fake tensors: it failed there with "
+                        f"{type(error).__name__} ({first_line(error, 120)}), usually because it reads tensor "
+                        "values (.item(), float(t), an if on a value), which a plan has no data for. Plan with "
+                        "--reward brightness and add your reward model's own memory, or keep the reward to "
+                        "tensor operations") from None
 
 
 # ---------------------------------------------------------------------------------------------------

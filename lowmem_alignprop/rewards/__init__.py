@@ -50,7 +50,8 @@ from .base import (NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromI
                    callable_label, torch_state_kept)
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
-           "reward_terms", "reward_source_digest", "user_reward_source", "ALIASES", "MODEL_REWARDS"]
+           "reward_terms", "reward_source_digest", "user_reward_source", "user_term_in_traceback",
+           "ALIASES", "MODEL_REWARDS"]
 
 TOY_COUNT_TARGET = 2.0  # toy_count without =N
 REWARDS: dict[str, str] = {
@@ -147,6 +148,17 @@ def reward_source_digest(spec: str) -> str | None:
         except OSError:
             continue
     return digest.hexdigest()[:16] if files else None
+
+
+def user_term_in_traceback(spec: str, error: BaseException) -> str | None:
+    """The user reward term of ``spec`` whose source file is among the frames ``error`` was raised through (its
+    function, its backward: a custom autograd Function, a hook), or None: whose code failed, where the stage does
+    not tell (a backward's error is raised in the trainer's backward stage, a plan's on fake tensors)."""
+    import traceback
+
+    frames = {Path(frame.filename).resolve() for frame in traceback.extract_tb(error.__traceback__)}
+    return next((term for kind, term, _ in reward_terms(spec) if kind == "user" and user_reward_source(term) in frames),
+                None)
 
 
 def user_reward_source(term: str) -> Path | None:

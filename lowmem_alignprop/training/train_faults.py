@@ -16,11 +16,13 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import CONFIG_FILE
+from lowmem_alignprop.run.stop_request import CtrlC
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line
 from lowmem_alignprop.settings.config import flag_value
 from lowmem_alignprop.settings.image_size import describe_sizes, lower_resolution, resolution_of, step_size
 from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.measure import planner
+from lowmem_alignprop.rewards import user_term_in_traceback
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -144,6 +146,10 @@ class LoopFaults:
             raise UserError(f"step {step}: {e}{kept}") from None
         if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
             raise UserError(f"step {step}: the reward {cfg.reward!r} raised {error_words(e)}{kept}") from None
+        if not isinstance(e, CtrlC) and user_term_in_traceback(cfg.reward, e):  # the reward's own backward (a custom
+            # autograd Function, a hook) raised in the backward stage: a traceback, exit 1 (and "interrupted")
+            raise UserError(f"step {step}: the reward {cfg.reward!r} raised {error_words(e)} (its code, in stage "
+                            f"{stage}){kept}") from None
         if not isinstance(e, (Exception, KeyboardInterrupt)):  # sys.exit deep in a library: never a silent exit
             raise UserError(f"step {step}: {error_words(e)} in stage {stage}{kept}") from None
         if isinstance(e, OSError) and atomic.is_disk_full(e):
