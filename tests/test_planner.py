@@ -568,13 +568,9 @@ def test_a_ctrl_c_during_the_plans_search_keeps_what_it_tried_and_stops_anything
     assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
 
 
-def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypatch):
-    """Accumulating changes, a feature whose step lowered the peak by under 3% is not taken further (block swap of an
-    SD1.5 UNet at batch 16 went 22 -> 33 -> 38 -> 41 -> 42 -> 43 -> 44 blocks, 12.98 to 12.96 GiB, before the batch was
-    halved: five minutes of estimates): the next feature comes at once."""
-    def needed(cfg):  # 1 GiB an image plus 2 GiB; block swap saves 0.5 GiB for its first 10 blocks, 0.05 after
-        return (cfg.batch_size + 2 - 0.05 * min(cfg.block_swap, 10) - 0.005 * max(cfg.block_swap - 10, 0)) * GIB
-
+def _estimating(monkeypatch, needed, candidates) -> None:
+    """The planner's estimate of a configuration is ``needed(cfg)`` bytes (allocated as much, its peak in backward)
+    and its candidate changes are ``candidates``: the search's rules on figures written by hand."""
     class Est:
         def __init__(self, cfg):
             self.peak_allocated = self.peak_needed = needed(cfg)
@@ -583,12 +579,22 @@ def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypat
         def fits(self, budget):
             return self.peak_needed <= budget * GIB
 
+    monkeypatch.setattr(planner, "estimate", lambda cfg, **kw: Est(cfg))
+    monkeypatch.setattr(planner, "candidate_changes", candidates)
+
+
+def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypatch):
+    """Accumulating changes, a feature whose step lowered the peak by under 3% is not taken further (block swap of an
+    SD1.5 UNet at batch 16 went 22 -> 33 -> 38 -> 41 -> 42 -> 43 -> 44 blocks, 12.98 to 12.96 GiB, before the batch was
+    halved: five minutes of estimates): the next feature comes at once."""
+    def needed(cfg):  # 1 GiB an image plus 2 GiB; block swap saves 0.5 GiB for its first 10 blocks, 0.05 after
+        return (cfg.batch_size + 2 - 0.05 * min(cfg.block_swap, 10) - 0.005 * max(cfg.block_swap - 10, 0)) * GIB
+
     def fake_candidates(cfg, target, start=None):
         out = [("block swap", {"block_swap": cfg.block_swap + 10})] if cfg.block_swap < 40 else []
         return out + ([("batch", {"batch_size": cfg.batch_size // 2})] if cfg.batch_size > 1 else [])
 
-    monkeypatch.setattr(planner, "estimate", lambda cfg, **kw: Est(cfg))
-    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    _estimating(monkeypatch, needed, fake_candidates)
     out = planner.suggest(Config(batch_size=8, budget_gb=5.9, unet_checkpointing="blocks").validate(), target="cuda")
     assert [t["set"] for t in out["tried"]] == [
         {"block_swap": 10}, {"batch_size": 4},  # each alone: 9.5 and 6.0 GiB
@@ -604,20 +610,11 @@ def test_the_suggestion_drops_an_accumulated_change_the_fit_does_not_need(monkey
     def needed(cfg):  # 1 GiB an image plus 1 GiB, sliced decode 0.1 GiB less
         return (cfg.batch_size + 1 - 0.1 * cfg.sliced_decode) * GIB
 
-    class Est:
-        def __init__(self, cfg):
-            self.peak_allocated = self.peak_needed = needed(cfg)
-            self.peak_stage = "backward"
-
-        def fits(self, budget):
-            return self.peak_needed <= budget * GIB
-
     def fake_candidates(cfg, target, start=None):
         out = [] if cfg.sliced_decode else [("sliced decode", {"sliced_decode": True})]
         return out + ([("batch", {"batch_size": cfg.batch_size // 2})] if cfg.batch_size > 1 else [])
 
-    monkeypatch.setattr(planner, "estimate", lambda cfg, **kw: Est(cfg))
-    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    _estimating(monkeypatch, needed, fake_candidates)
     out = planner.suggest(Config(batch_size=8, budget_gb=3.5).validate(), target="cuda")
     assert [t["set"] for t in out["tried"]] == [
         {"sliced_decode": True}, {"batch_size": 4},  # each alone: 8.9 and 5 GiB

@@ -232,7 +232,8 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
     base_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
     lora_images = None
     if specs and not any(s.weight for s in specs):  # (a DoRA, whose weight 0 is not the base, is refused before)
-        log.info("every --lora is at weight 0, which adds nothing: the LoRA images are the base model's (rendered once)")
+        log.info("every --lora is at weight 0, which adds nothing: the LoRA images are the base model's (rendered "
+                 "once)")
         lora_images = base_images
     elif specs:
         mix_adapters(pipe, specs)
