@@ -94,10 +94,10 @@ def _text_encoders(pipe) -> tuple:
 class T5Outputs:
     """T5's outputs of one encoding of a prompt set, kept in host memory by their token ids, for a second encoding of
     the same set by the same pipeline (``sample`` of a LoRA with CLIP layers encodes it with the base encoders, then
-    with the adapted ones): no loader puts a LoRA on T5 (lora_args refuses T5 layers), so its outputs are the same,
-    and T5-XXL (4.7B parameters; minutes on a CPU with ``encode_on_cpu``) runs once. :meth:`kept` records them
-    (a forward hook: the pipeline calls its T5 with the token ids first), :meth:`reused` returns them in place of
-    T5's forward; token ids not kept run T5."""
+    with the adapted ones): no loader puts a LoRA on T5 (a LoRA with T5 layers is refused:
+    flow_lora_parts.t5_refusal), so its outputs are the same, and T5-XXL (4.7B parameters; minutes on a CPU with
+    ``encode_on_cpu``) runs once. :meth:`kept` records them (a forward hook: the pipeline calls its T5 with the token
+    ids first), :meth:`reused` returns them in place of T5's forward; token ids not kept run T5."""
 
     def __init__(self, pipe):
         self.t5 = next((m for m in _text_encoders(pipe) if type(m).__name__.startswith("T5")), None)
